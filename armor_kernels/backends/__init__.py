@@ -1,0 +1,1 @@
+"""One module per backend; each exposes ``BACKEND``, an instance of ``base.Backend``."""

@@ -1,0 +1,19 @@
+"""The pure-PyTorch backend: runs everywhere, lowest priority, the oracle."""
+
+from __future__ import annotations
+
+from .. import reference
+from .base import OPS, Backend
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    priority = 0
+    ops = OPS
+
+    blockdiag_matmul = staticmethod(reference.blockdiag_matmul)
+    sparse24_matmul = staticmethod(reference.sparse24_matmul)
+    armor_linear = staticmethod(reference.armor_linear)
+
+
+BACKEND = ReferenceBackend()

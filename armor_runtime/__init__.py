@@ -1,0 +1,1 @@
+"""ARMOR runtime: ArmorLinear, model conversion, checkpoints and the ``armor`` command."""

@@ -1,0 +1,44 @@
+"""The ``armor`` command. Subcommands live in ``armor_runtime.commands.<name>`` and load lazily."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "prune": ("armor_runtime.commands.prune", "prune a model to ARMOR (or a baseline) and save a checkpoint"),
+    "eval": ("armor_runtime.commands.eval", "perplexity of a dense or pruned model on held-out text"),
+    "generate": ("armor_runtime.commands.generate", "generate text from a checkpoint, with tokens/s"),
+    "export": ("armor_runtime.commands.export", "write a plain dense checkpoint with W_hat materialized"),
+    "env": ("armor_runtime.commands.env", "versions, available backends and which one each regime uses"),
+    "bench": ("armor_runtime.commands.bench", "run the kernel or end-to-end benchmarks"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="armor", description="ARMOR 2:4 sparse LLMs: prune, run, measure.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            p.set_defaults(_missing=f"armor {name} is not available in this installation ({module} missing)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "_missing", None):
+        print(args._missing, file=sys.stderr)
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""ARMOR solver: calibration, pruning methods (ARMOR and baselines), evaluation."""

@@ -1,0 +1,1 @@
+"""Pruning methods: (weight, statistics, config) -> ArmorWeights."""
