@@ -123,6 +123,13 @@ def run(op: str, x: torch.Tensor, *weights):
     return select(op, x, *weights).backend.run(op, x, *weights)
 
 
+def prepare(a, values, meta, b, bias=None) -> None:
+    """Let every available backend build its layout of a layer once, at load time."""
+    for backend in backends():
+        if backend.name not in _disabled() and backend.is_available()[0]:
+            backend.prepare(a, values, meta, b, bias)
+
+
 def reset() -> None:
     """Forget cached choices (after changing ARMOR_BACKEND or ARMOR_DISABLED_BACKENDS)."""
     _cache.clear()

@@ -29,5 +29,10 @@ class Backend:
             return False, f"{self.name} has no {op}"
         return True, ""
 
+    def prepare(self, a, values, meta, b, bias) -> None:
+        """Build and cache any kernel-specific layout of a layer (e.g. cuSPARSELt's
+        compressed buffer). Called at load / convert / ``.to()`` time so that forward
+        never converts formats. Default: nothing to build."""
+
     def run(self, op: str, *args):
         return getattr(self, op)(*args)
