@@ -1,0 +1,326 @@
+"""Kernel microbenchmarks: one linear layer, dense vs plain 2:4 (cuSPARSELt) vs ARMOR per backend.
+
+    python -m benchmarks.bench_kernels --shapes llama3-8b --tokens 1,16,2048 --dtypes bf16 --out k.csv
+    python -m benchmarks.bench_kernels --smoke          # CPU harness check in seconds
+
+Providers (``--providers``, comma-separated, default all):
+- ``dense``: ``F.linear`` (cuBLAS on GPU);
+- ``cslt_search``: PyTorch's cuSPARSELt (``torch._cslt_sparse_mm``) with the algorithm
+  found by cuSPARSELt's search, once per shape and token count, outside the timed region;
+- ``cslt_alg0``: the same with the default algorithm 0;
+- ``armor_<backend>``: ``armor_kernels.armor_linear`` with ``ARMOR_BACKEND=<backend>``
+  (the public op, as the runtime calls it), one per backend module of ``armor_kernels.dispatch``.
+
+Every point writes one row per provider; a provider that cannot run writes status
+``unavailable`` with the reason. On CPU only ``dense`` and ``armor_reference`` (the
+CPU runtime path, labelled "cpu reference") are timed unless named explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import common
+
+TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)
+SMOKE_TOKENS = (1, 16)
+PLAIN24 = ("cslt_search", "cslt_alg0")
+
+COLUMNS = common.ENV_COLUMNS + [
+    "model", "layer", "d_out", "d_in", "block_out", "block_in", "dtype", "tokens", "provider", "status", "reason",
+    "median_ms", "tflops_dense_equiv", "tflops_actual", "gbps", "weight_bytes", "bytes_moved", "roofline_frac",
+    "peak_tflops", "peak_gbps", "speedup_vs_dense", "speedup_vs_plain24", "plain24_ref", "max_rel_err", "timer",
+    "note",
+]  # fmt: skip
+
+# An output further than this from the fp32 reference (max |err| / max |ref|) marks the row wrong_result.
+REL_ERR_LIMIT = 5e-2
+
+
+class Unavailable(Exception):
+    """The provider cannot run this point; the message is the reason."""
+
+
+# ---- providers --------------------------------------------------------------
+
+
+def armor_provider_names() -> list[str]:
+    """``armor_<name>`` for each loaded backend, and for each backend module that failed to load."""
+    from armor_kernels import dispatch
+
+    names = [f"armor_{b.name}" for b in dispatch.backends()]
+    names += [f"armor_{m}" for m in dispatch.report()["load_errors"]]
+    return names
+
+
+def cslt_status() -> tuple[bool, str]:
+    if not torch.cuda.is_available():
+        return False, "cuSPARSELt needs a CUDA GPU; this machine has none"
+    if not (hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()):
+        return False, "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
+    if torch.cuda.get_device_capability() < (8, 0):
+        return False, f"2:4 sparse tensor cores need sm_80+, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+    return True, ""
+
+
+def cslt_search(packed: torch.Tensor, dense: torch.Tensor) -> dict:
+    """Best algorithm for this product, feature-detected across PyTorch versions:
+    ``torch._C._cusparselt.mm_search`` (recent, returns a tuple) or ``torch._cslt_sparse_mm_search``."""
+    mod = getattr(torch._C, "_cusparselt", None)
+    if mod is not None and hasattr(mod, "mm_search"):
+        found = mod.mm_search(packed, dense, None, None, None, True)
+        how = "torch._C._cusparselt.mm_search"
+    elif hasattr(torch, "_cslt_sparse_mm_search"):
+        found = torch._cslt_sparse_mm_search(packed, dense, transpose_result=True)
+        how = "torch._cslt_sparse_mm_search"
+    else:
+        raise Unavailable("no cuSPARSELt algorithm search in this PyTorch")
+    if isinstance(found, (tuple, list)):
+        # (alg_id, split_k, split_k_mode or split_k_one_kernel, max_alg_id)
+        kw = {"alg_id": int(found[0])}
+        if len(found) > 1 and int(found[1]) != 1:
+            kw["split_k"] = int(found[1])
+            if len(found) > 2:
+                kw["split_k_one_kernel" if isinstance(found[2], bool) else "split_k_mode"] = found[2]
+        return {"kwargs": kw, "how": how}
+    return {"kwargs": {"alg_id": int(found)}, "how": how}
+
+
+def make_cslt(w24: torch.Tensor, x: torch.Tensor, search: bool):
+    """``y = x W24ᵀ`` through cuSPARSELt as PyTorch's own semi-structured linear does it:
+    ``(W · xᵀ)ᵀ`` with the result transposed by the kernel; tokens padded to a multiple of 8
+    (cuSPARSELt's minimum for the dense operand), the padding inside the timed call."""
+    ok, why = cslt_status()
+    if not ok:
+        raise Unavailable(why)
+    packed = torch._cslt_compress(w24)
+    m = x.shape[0]
+    pad = (-m) % 8
+
+    def call(**kw):
+        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+        y = torch._cslt_sparse_mm(packed, xp.t(), transpose_result=True, **kw)
+        return y[:m] if pad else y
+
+    note = f"tokens padded {m}->{m + pad}" if pad else ""
+    if search:
+        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
+        found = cslt_search(packed, xp.t())
+        kw = found["kwargs"]
+        try:
+            call(**kw)
+        except TypeError:  # split_k arguments this PyTorch does not take: keep the algorithm only
+            kw = {"alg_id": kw["alg_id"]}
+        note = ";".join(filter(None, [note, f"{found['how']} -> " + ",".join(f"{k}={v}" for k, v in kw.items())]))
+        return (lambda: call(**kw)), packed.nbytes, note
+    return (lambda: call(alg_id=0)), packed.nbytes, note
+
+
+@contextlib.contextmanager
+def forced_backend(name: str):
+    """``ARMOR_BACKEND=name`` for the duration, dispatch choices reset on entry and exit."""
+    from armor_kernels import dispatch
+
+    old = os.environ.get("ARMOR_BACKEND")
+    os.environ["ARMOR_BACKEND"] = name
+    dispatch.reset()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ARMOR_BACKEND", None)
+        else:
+            os.environ["ARMOR_BACKEND"] = old
+        dispatch.reset()
+
+
+def check_armor_backend(name: str, x: torch.Tensor, w, prepare: bool = True) -> None:
+    """Raise Unavailable with the backend's own reason when it cannot run this point."""
+    from armor_kernels import dispatch
+
+    try:
+        backend = dispatch.get(name)
+    except dispatch.BackendUnavailable as e:
+        raise Unavailable(str(e)) from None
+    ok, why = backend.is_available()
+    if ok:
+        ok, why = backend.can_implement("armor_linear", x, w.a, w.values, w.meta, w.b, w.bias)
+    if not ok:
+        raise Unavailable(f"{name}: {why}")
+    if prepare:
+        backend.prepare(w.a, w.values, w.meta, w.b, w.bias)
+
+
+# ---- one point --------------------------------------------------------------
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    ref = ref.float()
+    return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+
+
+def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], args, roof, out, base: dict) -> list:
+    device, dtype_name = ctx["device"], ctx["dtype_name"]
+    dt = common.DTYPES[dtype_name]
+    n, k = ctx["d_out"], ctx["d_in"]
+    w, wd, w24 = ctx["armor"], ctx["dense"], ctx["w24"]
+    x = torch.randn(tokens, k, device=device).to(dt)
+    act_bytes = (tokens * k + tokens * n) * x.element_size()
+    b_in, b_out = w.block_in, w.block_out
+    rows = []
+    for prov in providers:
+        row = dict(base, tokens=tokens, provider=prov, status="ok", reason="", note="")
+        try:
+            if device.type == "cpu" and prov.startswith("armor_") and prov != "armor_reference" and prov not in explicit:
+                check_armor_backend(prov[len("armor_"):], x, w, prepare=False)  # unavailable beats skipped
+                row.update(status="skipped", reason="on CPU only the reference path is timed (name it in --providers to time it)")
+                rows.append(row)
+                continue
+            if prov == "dense":
+                fn, wbytes = (lambda: F.linear(x, wd)), wd.nbytes
+                flops_d, flops_s = 2 * tokens * n * k, 0
+                ref = None
+            elif prov in PLAIN24:
+                fn, wbytes, row["note"] = make_cslt(w24, x, search=prov == "cslt_search")
+                flops_d, flops_s = 0, tokens * n * k  # 2·M·N·K/2 on the sparse core
+                ref = F.linear(x.float(), w24.float())
+            elif prov.startswith("armor_"):
+                from armor_kernels import armor_linear, reference
+
+                name = prov[len("armor_"):]
+                check_armor_backend(name, x, w)
+                if device.type == "cpu" and name == "reference":
+                    row["note"] = "cpu reference"
+                wbytes = w.nbytes()["total"]
+                flops_d, flops_s = 2 * tokens * (b_in * k + b_out * n), tokens * n * k
+                ref = reference.armor_linear(x.float(), w.a.float(), w.values.float(), w.meta, w.b.float())
+                with forced_backend(name):
+                    y = armor_linear(x, w.a, w.values, w.meta, w.b, None)
+                    ms, timer = common.bench(lambda: armor_linear(x, w.a, w.values, w.meta, w.b, None), device, args.smoke, args.rep_ms)
+                fn = None
+            else:
+                raise Unavailable(f"unknown provider {prov!r}")
+            if fn is not None:
+                y = fn()
+                ms, timer = common.bench(fn, device, args.smoke, args.rep_ms)
+            err = rel_err(y, ref) if ref is not None else 0.0
+            moved = wbytes + act_bytes
+            ideal = roof.ideal_ms(dtype_name, flops_d, flops_s, moved)
+            row.update(
+                median_ms=ms, timer=timer, weight_bytes=wbytes, bytes_moved=moved, max_rel_err=err,
+                tflops_dense_equiv=2 * tokens * n * k / (ms * 1e-3) / 1e12,
+                tflops_actual=(flops_d + flops_s) / (ms * 1e-3) / 1e12,
+                gbps=moved / (ms * 1e-3) / 1e9, roofline_frac=ideal / ms,
+                peak_tflops=roof.tflops[dtype_name], peak_gbps=roof.gbps,
+            )  # fmt: skip
+            if err > REL_ERR_LIMIT:
+                row.update(status="wrong_result", reason=f"max rel err {err:.3g} > {REL_ERR_LIMIT} vs fp32 reference")
+        except Unavailable as e:
+            row.update(status="unavailable", reason=str(e))
+        except Exception as e:  # noqa: BLE001 - a failing provider is a row, never the end of the run
+            row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+    add_speedups(rows)
+    for row in rows:
+        out.write(row)
+    return rows
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speedup = reference time / this time, against dense and against the best-labelled plain 2:4."""
+    timed = {r["provider"]: r["median_ms"] for r in rows if r["status"] == "ok"}
+    plain = next((p for p in PLAIN24 if p in timed), "")
+    for r in rows:
+        if r["status"] not in ("ok", "wrong_result"):
+            continue
+        if "dense" in timed:
+            r["speedup_vs_dense"] = timed["dense"] / r["median_ms"]
+        if plain:
+            r["speedup_vs_plain24"] = timed[plain] / r["median_ms"]
+            r["plain24_ref"] = plain
+
+
+# ---- main -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench_kernels", description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=None, help="all | model | model:layer | NxK, comma-separated (default all; smoke: tiny)")
+    p.add_argument("--tokens", default=None, help=f"token counts (default {','.join(map(str, TOKENS))})")
+    p.add_argument("--dtypes", default=None, help="bf16,fp16 (default both; smoke: bf16)")
+    p.add_argument("--providers", default="all", help="all | dense,cslt_search,cslt_alg0,armor_<backend>,...")
+    p.add_argument("--block-size", type=int, default=128, help="ARMOR wrapper block size per side (default 128)")
+    p.add_argument("--out", default="bench_kernels.csv", help="CSV to append to")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per point, ms (GPU)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, few tokens, short timing: a harness check")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = common.pick_device(args.device)
+    shapes = common.select_shapes(args.shapes or ("tiny" if args.smoke else "all"))
+    tokens = common.parse_list(args.tokens, int) if args.tokens else list(SMOKE_TOKENS if args.smoke else TOKENS)
+    dtypes = common.parse_dtypes(args.dtypes or ("bf16" if args.smoke else "bf16,fp16"))
+    all_providers = ["dense", *PLAIN24, *armor_provider_names()]
+    if args.providers == "all":
+        providers, explicit = all_providers, set()
+    else:
+        providers = common.parse_list(args.providers)
+        explicit = set(providers)
+    torch.manual_seed(0)
+    roof = common.measure_roofline(device, dtypes, args.smoke)
+    print(
+        f"roofline ({roof.how}): copy {roof.gbps:.1f} GB/s; matmul "
+        + ", ".join(f"{d} {t:.2f} TFLOP/s" for d, t in roof.tflops.items()),
+        flush=True,
+    )
+    env = common.env_info(device.type)
+    out = common.CsvOut(args.out, COLUMNS)
+    n_rows = 0
+    try:
+        for model, layer, n, k in shapes:
+            for dtype_name in dtypes:
+                dt = common.DTYPES[dtype_name]
+                ctx = {"device": device, "dtype_name": dtype_name, "d_out": n, "d_in": k}
+                ctx["dense"] = (torch.randn(n, k, device=device) / k**0.5).to(dt)
+                ctx["w24"] = ctx["dense"] * common.random_24_mask(n, k, device)
+                ctx["armor"] = common.random_armor_weights(n, k, args.block_size, dt, device)
+                base = dict(env, model=model, layer=layer, d_out=n, d_in=k, dtype=dtype_name,
+                            block_out=ctx["armor"].block_out, block_in=ctx["armor"].block_in)  # fmt: skip
+                for t in tokens:
+                    rows = run_point(ctx, t, providers, explicit, args, roof, out, base)
+                    n_rows += len(rows)
+                    print(summary_line(rows), flush=True)
+                del ctx
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    finally:
+        out.close()
+    print(f"wrote {n_rows} rows to {args.out}", flush=True)
+    return 0
+
+
+def summary_line(rows: list[dict]) -> str:
+    r0 = rows[0]
+    parts = []
+    for r in rows:
+        if r["status"] in ("ok", "wrong_result"):
+            sp = r.get("speedup_vs_dense")
+            parts.append(f"{r['provider']} {r['median_ms']:.4g}ms" + (f" x{sp:.2f}" if sp else "") + ("" if r["status"] == "ok" else " WRONG"))
+        else:
+            parts.append(f"{r['provider']} {r['status']}")
+    return f"{r0['model']} {r0['layer']} {r0['d_out']}x{r0['d_in']} {r0['dtype']} M={r0['tokens']}: " + " | ".join(parts)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
