@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        # a subcommand that sets _accepts_unknown (prune: method options) receives them as args.unknown
+        if not getattr(args, "_accepts_unknown", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.unknown = unknown
     if getattr(args, "_missing", None):
         print(args._missing, file=sys.stderr)
         return 2
