@@ -1,0 +1,121 @@
+"""ARMOR: prune one linear layer to ``W ≈ A · S · B`` (2:4 core S, block-diagonal A and B).
+
+``prune(weight, stats, cfg) -> MethodResult``
+
+1. Normalize ``W = diag(r) W̄ diag(c)`` (NoWag) and fit ``W̄`` under the proxy loss
+   ``L = Σ h_j (W̄ − A S B)²_ij / Σ h_j W̄²_ij`` (``h`` = ``stats.cleaned_h()``).
+2. Start from NoWag-P: ``A = B = I``, ``S = W̄ ⊙ M`` with ``M`` the top 2 of ``W̄² h``
+   per group of 4. The returned loss is never above this starting loss.
+3. Fit with one of two solvers (fp32, on ``cfg.device``):
+   - ``"exact"`` (default, ``armor_exact``): closed-form updates of A and B, a CG
+     solve of the kept values, and the 6-support group step, per sweep; monotone.
+   - ``"adam"`` (``armor_adam``): the paper's schedule, one Adam step (lr 1e-4) and
+     one sampled group per block pair per iteration, early stop, best state kept.
+4. Fold ``diag(r)`` into A's rows and ``diag(c)`` into B's columns, cast to the
+   weight's dtype and pack (``ArmorWeights.from_factors``) on the weight's device.
+
+Options (``cfg.extra``, as set by the CLI):
+- ``solver``: ``"exact"`` | ``"adam"`` (``--solver``).
+- ``sweeps``: exact sweeps (``--sweeps``; default ``cfg.iters`` or 20). Stops early
+  when a sweep gains less than a relative 1e-6.
+- ``time_budget``: seconds per layer for either solver (``--time-budget``).
+- ``cg_steps``: CG steps on the kept values per exact sweep (default 3).
+- ``lr``, ``seed``: Adam learning rate (1e-4) and the group-sampling seed (0).
+``cfg.iters``: Adam iterations (default 2000; the paper uses 20,000), or the
+sweep count for the exact solver when ``sweeps`` is not given.
+``cfg.block_size``: preferred block size per side; the largest divisor of the
+dimension not above it is used (input side: also a multiple of 4), e.g. 576 -> 96.
+
+``info``: ``proxy_loss`` (fp32 fit), ``proxy_loss_deployed`` (after the cast to the
+weight's dtype), ``init_loss`` (NoWag-P), ``losses`` (after each sweep, or every
+10th Adam iteration), ``trace`` (``(seconds, loss)`` pairs), ``iters``, ``seconds``,
+``solver``, ``block_out``, ``block_in``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from armor_kernels import ArmorWeights, choose_block_size, reference
+
+from . import armor_adam, armor_exact
+from .armor_problem import Problem
+from .base import MethodResult, PruneConfig
+from .normalize import normalize, proxy_loss, stats_h
+from .nowag_p import nowag_mask
+
+SOLVERS = ("exact", "adam")
+
+
+def block_sizes(d_out: int, d_in: int, preferred: int) -> tuple[int, int]:
+    """(output block, input block) for ``preferred``; the input block is a multiple of 4."""
+    return choose_block_size(d_out, preferred, 1), choose_block_size(d_in, preferred, 4)
+
+
+def _option(extra: dict, key: str, default, kind):
+    value = extra.get(key, default)
+    if value is None:
+        return None
+    try:
+        value = kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"cfg.extra[{key!r}]: expected {kind.__name__}, got {value!r}") from None
+    if kind is not str and value < 0:
+        raise ValueError(f"cfg.extra[{key!r}]: must be >= 0, got {value}")
+    return value
+
+
+def prune(weight: torch.Tensor, stats, cfg: PruneConfig | None = None) -> MethodResult:
+    cfg = cfg or PruneConfig()
+    extra = dict(cfg.extra or {})
+    solver = _option(extra, "solver", "exact", str)
+    if solver not in SOLVERS:
+        raise ValueError(f"cfg.extra['solver']: expected one of {SOLVERS}, got {solver!r}")
+    time_budget = _option(extra, "time_budget", None, float)
+    h = stats_h(stats, weight)
+    t0 = time.perf_counter()
+
+    device = torch.device(cfg.device)
+    w_bar, r, c = normalize(weight.to(device))
+    h = h.to(device)
+    bo, bi = block_sizes(*weight.shape, cfg.block_size)
+    prob = Problem(w_bar, h, bo, bi)
+    mask = nowag_mask(w_bar, h)
+    s = w_bar * mask
+    a, b = prob.identity_wrappers()
+    init_loss = prob.loss(a, s, b)
+
+    if solver == "exact":
+        sweeps = _option(extra, "sweeps", cfg.iters if cfg.iters is not None else armor_exact.DEFAULT_SWEEPS, int)
+        cg_steps = _option(extra, "cg_steps", armor_exact.CG_STEPS, int)
+        a, s, mask, b, loss, trace = armor_exact.fit_exact(prob, a, s, mask, b, sweeps, time_budget, cg_steps)
+        iters, losses = len(trace), [l for _, l in trace]
+    else:
+        n_iter = cfg.iters if cfg.iters is not None else armor_adam.DEFAULT_ITERS
+        lr = _option(extra, "lr", armor_adam.LR, float)
+        seed = _option(extra, "seed", 0, int)
+        a, s, mask, b, loss, trace, iters = armor_adam.fit_adam(prob, a, s, mask, b, n_iter, time_budget, lr, seed)
+        losses = [l for _, l in trace[::10]]
+    if not loss <= init_loss:  # cannot happen (both solvers keep the best state); guards the theorem
+        raise RuntimeError(f"ARMOR: fitted loss {loss} above the NoWag-P start {init_loss}")
+
+    # fold the normalization: W_hat = diag(r) A S B diag(c)
+    a = a * r.reshape(prob.no, bo, 1)
+    b = b * c.reshape(prob.ni, 1, bi)
+    packed = ArmorWeights.from_factors(a, s, b, mask=mask, dtype=weight.dtype).to(weight.device)
+    w_hat = reference.materialize(packed.a, packed.values, packed.meta, packed.b)
+    info = {
+        "proxy_loss": loss,
+        "proxy_loss_deployed": proxy_loss(weight, w_hat.to(weight.device), h.to(weight.device)),
+        "init_loss": init_loss,
+        "losses": losses,
+        "trace": trace,
+        "iters": iters,
+        "seconds": time.perf_counter() - t0,
+        "solver": solver,
+        "block_out": bo,
+        "block_in": bi,
+    }
+    return MethodResult(weights=packed, info=info)

@@ -1,0 +1,194 @@
+"""The sparse-core step: re-choose the 2:4 support of groups of 4 and refit their 2 values.
+
+With A, B and the rest of S fixed, the loss numerator as a function of the 4
+entries ``s`` of one group (row ``y``, columns ``4g..4g+3``) is
+
+    f(s) = const − 2 sᵀ β + sᵀ (α M) s,
+    β = −½ ∂num/∂S[y, g] + α M s0,   α = P[y, y] = ||A[:, y]||²,   M = Q[g, g] (4x4 block of B H Bᵀ),
+
+where ``s0`` holds the group's current values. For each of the 6 two-of-four
+supports the best 2 values solve a 2x2 system (damped by 1e-9 times its mean
+diagonal); the gain over the current values is exact, so a group changes only
+when the loss drops. Groups in different block pairs do not interact, so one
+group per block pair is updated in parallel with an exactly known loss change.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .armor_problem import left, right
+
+# the 6 two-of-four supports, in the order of ``armor_kernels.sparse24.PAIRS``
+_I0 = (0, 0, 0, 1, 1, 2)
+_I1 = (1, 2, 3, 2, 3, 3)
+DAMP = 1e-9  # relative damping of the 2x2 Gram matrices
+
+
+def diag_blocks4(q: torch.Tensor) -> torch.Tensor:
+    """The 4x4 diagonal blocks of blockdiag(q): ``[d_in/4, 4, 4]``."""
+    ni, bi, _ = q.shape
+    nb = bi // 4
+    d = torch.diagonal(q.reshape(ni, nb, 4, nb, 4), dim1=1, dim2=3)  # [ni, 4, 4, nb]
+    return d.permute(0, 3, 1, 2).reshape(ni * nb, 4, 4)
+
+
+def best_supports(beta: torch.Tensor, m: torch.Tensor, s0: torch.Tensor):
+    """Best support and values per group.
+
+    ``beta`` ``[..., 4]``, ``m`` ``[..., 4, 4]`` (= α M), ``s0`` ``[..., 4]`` current values
+    (zeros off the support). Returns (improvement ``[...]`` >= 0 up to rounding,
+    new values ``[..., 4]``, new keep-mask ``[..., 4]``).
+    """
+    i0 = torch.tensor(_I0, device=beta.device)
+    i1 = torch.tensor(_I1, device=beta.device)
+    bp, bq = beta[..., i0], beta[..., i1]
+    mpp, mqq, mpq = m[..., i0, i0], m[..., i1, i1], m[..., i0, i1]
+    damp = DAMP * 0.5 * (mpp + mqq) + 1e-30
+    g00, g11 = mpp + damp, mqq + damp
+    det = (g00 * g11 - mpq * mpq).clamp_min(1e-30)
+    sp = (g11 * bp - mpq * bq) / det
+    sq = (g00 * bq - mpq * bp) / det
+    # the exact (undamped) decrease of f relative to an all-zero group
+    gain = 2 * (sp * bp + sq * bq) - (sp * sp * mpp + 2 * sp * sq * mpq + sq * sq * mqq)
+    gain = torch.where(torch.isfinite(gain), gain, torch.full_like(gain, -float("inf")))
+    cur = 2 * (s0 * beta).sum(-1) - (s0.unsqueeze(-2) @ m @ s0.unsqueeze(-1)).reshape(s0.shape[:-1])
+    best_gain, best = gain.max(-1)
+    new = torch.zeros_like(s0)
+    new.scatter_(-1, i0[best].unsqueeze(-1), sp.gather(-1, best.unsqueeze(-1)))
+    new.scatter_(-1, i1[best].unsqueeze(-1), sq.gather(-1, best.unsqueeze(-1)))
+    keep = torch.zeros_like(s0, dtype=torch.bool)
+    keep.scatter_(-1, i0[best].unsqueeze(-1), True)
+    keep.scatter_(-1, i1[best].unsqueeze(-1), True)
+    return best_gain - cur, new, keep
+
+
+def group_terms(grad4, s4, alpha, qgg, rows, groups):
+    """β, α M and s0 for the groups ``(rows[k], groups[k])``."""
+    s0 = s4[rows, groups]
+    m = alpha[rows].reshape(-1, 1, 1) * qgg[groups]
+    beta = -0.5 * grad4[rows, groups] + (m @ s0.unsqueeze(-1)).squeeze(-1)
+    return beta, m, s0
+
+
+def all_group_improvements(grad, s, alpha, qgg, chunk_rows: int = 256):
+    """Best support for every group: (improvement ``[d_out, G]``, values ``[d_out, G, 4]``, keep).
+
+    Rows go in chunks so the temporaries stay near the size of ``S``.
+    """
+    d_out, d_in = s.shape
+    g = d_in // 4
+    grad4, s4 = grad.reshape(d_out, g, 4), s.reshape(d_out, g, 4)
+    imp = torch.empty(d_out, g, device=s.device)
+    vals = torch.empty(d_out, g, 4, device=s.device)
+    keep = torch.empty(d_out, g, 4, dtype=torch.bool, device=s.device)
+    for r0 in range(0, d_out, chunk_rows):
+        r1 = min(r0 + chunk_rows, d_out)
+        s0 = s4[r0:r1]
+        m = alpha[r0:r1].reshape(-1, 1, 1, 1) * qgg  # [rows, G, 4, 4]
+        beta = -0.5 * grad4[r0:r1] + (m @ s0.unsqueeze(-1)).squeeze(-1)
+        imp[r0:r1], vals[r0:r1], keep[r0:r1] = best_supports(beta, m, s0)
+    return imp, vals, keep
+
+
+def _pair_view(x: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
+    """``[d_out, G, ...]`` -> ``[no, ni, bo * bi/4, ...]`` (groups of each block pair last)."""
+    d_out, g = x.shape[:2]
+    nb = bi // 4
+    rest = x.shape[2:]
+    y = x.reshape(d_out // bo, bo, g // nb, nb, *rest).transpose(1, 2)
+    return y.reshape(d_out // bo, g // nb, bo * nb, *rest)
+
+
+def pair_groups_to_index(flat: torch.Tensor, bo: int, bi: int, n_groups: int):
+    """Index within each block pair ``[no, ni, k]`` -> global (rows, groups), flattened."""
+    no, ni = flat.shape[:2]
+    nb = bi // 4
+    i = torch.arange(no, device=flat.device).reshape(no, 1, 1)
+    j = torch.arange(ni, device=flat.device).reshape(1, ni, 1)
+    rows = i * bo + flat // nb
+    groups = j * nb + flat % nb
+    return rows.reshape(-1), groups.reshape(-1)
+
+
+def sample_groups(grad: torch.Tensor, bo: int, bi: int, generator=None):
+    """One group per block pair, drawn with probability ∝ the L1 norm of ``grad`` over its 4 entries."""
+    d_out, d_in = grad.shape
+    l1 = grad.abs().reshape(d_out, d_in // 4, 4).sum(-1)
+    pv = _pair_view(l1, bo, bi)
+    no, ni, n = pv.shape
+    probs = pv.reshape(no * ni, n) + 1e-30  # an exactly fitted block still draws a group
+    idx = torch.multinomial(probs, 1, generator=generator).reshape(no, ni, 1)
+    return pair_groups_to_index(idx, bo, bi, d_in // 4)
+
+
+def apply_groups(s, mask, rows, groups, vals, keep, improve):
+    """Write new values/support for the groups whose ``improve`` > 0; return the applied ΔS rows."""
+    ok = improve > 0
+    rows, groups = rows[ok], groups[ok]
+    d_out, d_in = s.shape
+    s4, m4 = s.view(d_out, d_in // 4, 4), mask.view(d_out, d_in // 4, 4)
+    delta = vals[ok] - s4[rows, groups]
+    s4[rows, groups] = vals[ok]
+    m4[rows, groups] = keep[ok]
+    return rows, groups, delta, float(improve[ok].sum())
+
+
+def sampled_step(prob, s, mask, grad, p, q, generator=None) -> float:
+    """The paper's step: one sampled group per block pair, best of 6 supports. Returns the numerator decrease."""
+    d_out, d_in = s.shape
+    rows, groups = sample_groups(grad, prob.bo, prob.bi, generator)
+    alpha = torch.diagonal(p, dim1=1, dim2=2).reshape(-1)
+    qgg = diag_blocks4(q)
+    beta, m, s0 = group_terms(grad.view(d_out, -1, 4), s.view(d_out, -1, 4), alpha, qgg, rows, groups)
+    imp, vals, keep = best_supports(beta, m, s0)
+    return apply_groups(s, mask, rows, groups, vals, keep, imp)[3]
+
+
+def _delta_dense(shape, rows, groups, delta, device):
+    d = torch.zeros(shape[0], shape[1] // 4, 4, device=device)
+    d[rows, groups] = delta
+    return d.reshape(shape)
+
+
+def greedy_step(prob, s, mask, grad, p, q, tries: int = 3) -> float:
+    """Exact-solver step: many groups at once where that pays, never a loss increase.
+
+    Every group's best support is evaluated (others fixed). First all improving
+    groups are switched together and the exact loss change is checked
+    (``Δnum = <grad, ΔS> + <ΔS, P ΔS Q>``); if it is not a decrease, the top half,
+    then a quarter are tried; the fallback, the best group of each block pair, is
+    exact by construction. Updates ``s``, ``mask`` and ``grad`` in place; returns
+    the numerator decrease.
+    """
+    d_out, d_in = s.shape
+    alpha = torch.diagonal(p, dim1=1, dim2=2).reshape(-1)
+    qgg = diag_blocks4(q)
+    imp, vals, keep = all_group_improvements(grad, s, alpha, qgg)
+    flat = imp.reshape(-1)
+    n_pos = int((flat > 0).sum())
+    n_pairs = prob.no * prob.ni
+    k = n_pos
+    for _ in range(tries):
+        if k <= n_pairs:
+            break
+        top = torch.topk(flat, k).indices
+        rows, groups = top // (d_in // 4), top % (d_in // 4)
+        delta = vals[rows, groups] - s.view(d_out, -1, 4)[rows, groups]
+        dense = _delta_dense(s.shape, rows, groups, delta, s.device)
+        pdq = left(p, right(dense, q))
+        change = float((grad * dense).sum() + (dense * pdq).sum())
+        if change < 0:
+            apply_groups(s, mask, rows, groups, vals[rows, groups], keep[rows, groups], imp[rows, groups])
+            grad.add_(pdq, alpha=2.0)
+            return -change
+        k //= 2
+    # fallback: the best group of each block pair (independent, exact)
+    pv = _pair_view(imp, prob.bo, prob.bi)
+    best = pv.argmax(-1, keepdim=True)
+    rows, groups = pair_groups_to_index(best, prob.bo, prob.bi, d_in // 4)
+    rows, groups, delta, gained = apply_groups(s, mask, rows, groups, vals[rows, groups], keep[rows, groups], imp[rows, groups])
+    if rows.numel():
+        dense = _delta_dense(s.shape, rows, groups, delta, s.device)
+        grad.add_(left(p, right(dense, q)), alpha=2.0)
+    return gained
