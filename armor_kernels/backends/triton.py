@@ -1,0 +1,292 @@
+"""The Triton backend: launchers for the kernels in ``armor_kernels.triton`` and the backend object.
+
+Kernels exposed for direct timing (benchmarks) and tests:
+
+- ``blockdiag(x, blocks, bias=None, out=None, out_dtype=None)``: ``x · blockdiag(blocks)ᵀ (+ bias)``;
+- ``sparse24_small(x, values, meta, a=None, bias=None, out=None, out_dtype=None, split_k=None)``:
+  ``x Sᵀ`` (then ``· Aᵀ`` when ``a`` is given) ``+ bias``, for at most ``MAX_SMALL_TOKENS`` tokens;
+- ``decode_layer(x, a, values, meta, b, bias=None)``: the whole layer in 2 launches
+  (B-wrapper, then 2:4 with A and bias fused; 3 when A's blocks are wider than a tile).
+
+Availability: needs triton, and either CUDA tensors or ``TRITON_INTERPRET=1``
+(set before triton is imported) for CPU tensors. On CPU the backend ranks below
+the reference, so automatic selection keeps the reference (the interpreter is
+for tests and is slow); ``ARMOR_BACKEND=triton`` forces it.
+
+Tile sizes are fixed per regime rather than autotuned: decode shapes are
+memory-bound, and a fixed table keeps the first call free of tuning runs and
+CUDA-graph capture safe. Under the interpreter, tiles are large (it is faster
+per element with big tiles).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import OPS, Backend
+
+try:
+    import triton
+    import triton.language as tl
+
+    from ..triton.blockdiag import blockdiag_kernel
+    from ..triton.sparse24_small import sparse24_small_kernel
+
+    IMPORT_ERROR = ""
+except Exception as e:  # noqa: BLE001 - any import failure makes the backend unavailable, with the reason
+    triton = tl = None
+    IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+# The small-batch 2:4 kernel's range: the decode regime. Beyond it the CUDA-core
+# arithmetic (2 FMAs per kept value and token) stops hiding under the weight reads.
+MAX_SMALL_TOKENS = 16
+# Widest output block the epilogue fuses: a [128, 128] fp32 A tile is 64 registers
+# per thread at 8 warps; wider blocks take a separate wrapper launch.
+MAX_FUSED_BLOCK = 128
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def _np2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _dot_dtype(dtype: torch.dtype):
+    # the interpreter's bf16/fp16 dot goes through numpy; fp32 there is exact and fast
+    if interpreting() or dtype == torch.float32:
+        return tl.float32
+    return tl.float16 if dtype == torch.float16 else tl.bfloat16
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _as_2d(x: torch.Tensor, k: int, name: str = "x") -> torch.Tensor:
+    if x.shape[-1] != k:
+        raise ValueError(f"{name}: last dim {x.shape[-1]} does not match the layer's input width {k}")
+    return x.reshape(-1, k)
+
+
+def _out(out, m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(m, n, dtype=dtype, device=device)
+    if tuple(out.shape) != (m, n):
+        raise ValueError(f"out: expected shape ({m}, {n}), got {tuple(out.shape)}")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# block-diagonal wrapper
+# ---------------------------------------------------------------------------
+def _blockdiag_config(m: int, bs: int) -> dict:
+    p = _np2(bs)
+    if interpreting():
+        bn = bk = min(p, 128)
+        bm = min(_np2(m), 64)
+        if min(bm, bn, bk) < 16:
+            bm = max(1, min(_np2(m), 8192 // (bn * bk)))
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
+    if p < 16:
+        # CUDA-core path: 4..12-wide blocks, many tokens per program (4096-element product tile)
+        return dict(BLOCK_M=max(1, min(_np2(m), 4096 // (p * p))), BLOCK_N=p, BLOCK_K=p, num_warps=4, num_stages=2)
+    if m <= MAX_SMALL_TOKENS:
+        return dict(BLOCK_M=16, BLOCK_N=min(p, 64), BLOCK_K=min(p, 128), num_warps=4, num_stages=2)
+    bm = 128 if m >= 128 else 64
+    bn = min(p, 128)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(p, 64), num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+
+
+def blockdiag(x, blocks, bias=None, out=None, out_dtype=None) -> torch.Tensor:
+    """``x · blockdiag(blocks)ᵀ (+ bias)`` for any number of tokens; ``blocks`` is ``[n, bs, bs]``."""
+    if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
+        raise ValueError(f"blocks: expected [n_blocks, b, b], got shape {tuple(blocks.shape)}")
+    n, bs, _ = blocks.shape
+    x2 = _as_2d(x, n * bs)
+    m = x2.shape[0]
+    if bias is not None and tuple(bias.shape) != (n * bs,):
+        raise ValueError(f"bias: expected shape ({n * bs},), got {tuple(bias.shape)}")
+    y = _out(out, m, n * bs, out_dtype or x.dtype, x.device)
+    if m == 0:
+        return y if out is not None else y.reshape(*x.shape[:-1], n * bs)
+    w = blocks.contiguous()
+    cfg = _blockdiag_config(m, bs)
+    use_dot = min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), n, triton.cdiv(bs, cfg["BLOCK_N"]))
+    blockdiag_kernel[grid](
+        x2, w, bias if bias is not None else w, y, m, bs,
+        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, USE_DOT=use_dot, DOT_DTYPE=_dot_dtype(x.dtype), **cfg,
+    )  # fmt: skip
+    return y if out is not None else y.reshape(*x.shape[:-1], n * bs)
+
+
+# ---------------------------------------------------------------------------
+# small-batch 2:4 with fused output wrapper
+# ---------------------------------------------------------------------------
+_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device, split: int, bm: int, d_out: int, n_tiles: int):
+    """Split-K partials and per-tile arrival counters, one set per (device, shape), reused.
+
+    The counters return to 0 at the end of every launch, so the buffers need no
+    reset; they assume one launch at a time per device and shape (one stream).
+    """
+    key = (device, split, bm, d_out, n_tiles)
+    if key not in _workspaces:
+        _workspaces[key] = (
+            torch.empty(split, bm, d_out, dtype=torch.float32, device=device),
+            torch.zeros(n_tiles, dtype=torch.int32, device=device),
+        )
+    return _workspaces[key]
+
+
+def fusable(a: torch.Tensor | None) -> bool:
+    """The output wrapper fits the 2:4 kernel's epilogue (a tile holds whole A blocks)."""
+    return a is not None and a.shape[-1] <= MAX_FUSED_BLOCK
+
+
+def _sparse_config(m: int, b_out: int | None, n_groups: int) -> dict:
+    bm = _np2(m)
+    if b_out is not None:
+        # a tile = as many whole A blocks as fit in 128 rows (1 block of 96, 4 of 32, ...)
+        rows = b_out * max(1, MAX_FUSED_BLOCK // b_out)
+    else:
+        rows = 64
+    bo = _np2(rows)
+    # product tile [BLOCK_M, BLOCK_O, 4*BLOCK_G]: ~16K fp32 on GPU (64 per thread at 8 warps)
+    budget = 1 << 18 if interpreting() else 1 << 14
+    bg = max(1, min(64, budget // (bm * bo * 4), _np2(n_groups)))
+    return dict(rows=rows, BLOCK_M=bm, BLOCK_O=bo, BLOCK_G=_pow2_floor(bg))
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (int(n).bit_length() - 1)
+
+
+def sparse24_small(x, values, meta, a=None, bias=None, out=None, out_dtype=None, split_k=None) -> torch.Tensor:
+    """``(x Sᵀ)`` then ``· blockdiag(a)ᵀ`` if ``a`` is given, ``+ bias``; at most 16 tokens.
+
+    ``a`` must be fusable (block <= 128); ``split_k`` overrides the automatic
+    split of the input groups across programs (1 disables it).
+    """
+    d_out, half = values.shape
+    d_in = 2 * half
+    x2 = _as_2d(x, d_in)
+    m = x2.shape[0]
+    if m > MAX_SMALL_TOKENS:
+        raise ValueError(f"x: {m} tokens; the small-batch 2:4 kernel takes at most {MAX_SMALL_TOKENS}")
+    if d_in % 4:
+        raise ValueError(f"values: d_in = {d_in} is not a multiple of 4 (2:4 groups are 4 columns wide)")
+    n_groups = d_in // 4
+    if meta.dtype != torch.uint8 or tuple(meta.shape) != (d_out, (n_groups + 1) // 2):
+        raise ValueError(f"meta: expected uint8 [{d_out}, {(n_groups + 1) // 2}], got {meta.dtype} {tuple(meta.shape)}")
+    b_out = None
+    if a is not None:
+        b_out = a.shape[-1]
+        if a.dim() != 3 or a.shape[1] != b_out or a.shape[0] * b_out != d_out:
+            raise ValueError(f"a: expected [{d_out}/b, b, b] blocks tiling d_out = {d_out}, got {tuple(a.shape)}")
+        if not fusable(a):
+            raise ValueError(f"a: block {b_out} is wider than the fused epilogue's {MAX_FUSED_BLOCK}")
+    if bias is not None and tuple(bias.shape) != (d_out,):
+        raise ValueError(f"bias: expected shape ({d_out},), got {tuple(bias.shape)}")
+    y = _out(out, m, d_out, out_dtype or x.dtype, x.device)
+    if m == 0:
+        return y if out is not None else y.reshape(*x.shape[:-1], d_out)
+
+    values = values if values.stride(-1) == 1 else values.contiguous()
+    meta = meta if meta.stride(-1) == 1 else meta.contiguous()
+    cfg = _sparse_config(m, b_out, n_groups)
+    rows, bg = cfg.pop("rows"), cfg["BLOCK_G"]
+    n_tiles = triton.cdiv(d_out, rows)
+    if split_k is None:
+        # fill the GPU twice over, keeping >= 4 chunks of work per split
+        split_k = 1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(x.device), n_tiles), n_groups // (4 * bg)))
+    groups_per_split = triton.cdiv(triton.cdiv(n_groups, max(1, split_k)), bg) * bg
+    split_k = triton.cdiv(n_groups, groups_per_split)
+    if split_k > 1:
+        ws, cnt = _workspace(x.device, split_k, cfg["BLOCK_M"], d_out, n_tiles)
+    else:
+        ws = cnt = y
+    a_t = a.contiguous() if a is not None else values
+    sparse24_small_kernel[(n_tiles, split_k)](
+        x2, values, meta, a_t, bias if bias is not None else values, y, ws, cnt,
+        m, d_out, n_groups, rows, b_out or 1, groups_per_split,
+        x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0), y.stride(1),
+        SPLIT_K=split_k, FUSE_A=a is not None, HAS_BIAS=bias is not None,
+        num_warps=8 if cfg["BLOCK_O"] >= 128 else 4, num_stages=3 if not interpreting() else 1, **cfg,
+    )  # fmt: skip
+    return y if out is not None else y.reshape(*x.shape[:-1], d_out)
+
+
+def decode_layer(x, a, values, meta, b, bias=None) -> torch.Tensor:
+    """The whole ARMOR layer for <= 16 tokens: B-wrapper (fp32 out), then 2:4 + A + bias.
+
+    2 launches when A's blocks fit the epilogue, else 3 (A as a separate wrapper).
+    The intermediates stay fp32, like the reference.
+    """
+    h = blockdiag(x, b, out_dtype=torch.float32)
+    if fusable(a):
+        return sparse24_small(h, values, meta, a=a, bias=bias, out_dtype=x.dtype)
+    z = sparse24_small(h, values, meta, out_dtype=torch.float32)
+    return blockdiag(z, a, bias, out_dtype=x.dtype)
+
+
+# name -> launcher, for benchmarks that time each kernel directly
+KERNELS = {"blockdiag": blockdiag, "sparse24_small": sparse24_small, "decode_layer": decode_layer}
+
+
+# ---------------------------------------------------------------------------
+# backend
+# ---------------------------------------------------------------------------
+class TritonBackend(Backend):
+    name = "triton"
+    priority = 30
+    ops = OPS
+
+    def rank(self, device_type: str, regime: str) -> int:
+        """Selection order: first for decode on GPU; below the reference on CPU (interpreter)."""
+        if device_type != "cuda":
+            return -10
+        return 60 if regime == "decode" else self.priority
+
+    def is_available(self) -> tuple[bool, str]:
+        if IMPORT_ERROR:
+            return False, f"triton is not importable ({IMPORT_ERROR})"
+        if not torch.cuda.is_available() and not interpreting():
+            return False, "no CUDA GPU, and TRITON_INTERPRET=1 is not set (the interpreter runs the kernels on CPU)"
+        return True, ""
+
+    def can_implement(self, op: str, x: torch.Tensor, *weights) -> tuple[bool, str]:
+        ok, why = super().can_implement(op, x, *weights)
+        if not ok:
+            return ok, why
+        if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
+            return False, f"tensors on {x.device.type}: needs CUDA, or CPU with TRITON_INTERPRET=1"
+        for t in (x, *weights):
+            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8 and t.dtype not in FLOAT_DTYPES:
+                return False, f"dtype {t.dtype} is not float32, float16 or bfloat16"
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if op in ("sparse24_matmul", "armor_linear") and tokens > MAX_SMALL_TOKENS:
+            return False, f"{tokens} tokens: the small-batch 2:4 kernel covers at most {MAX_SMALL_TOKENS}"
+        return True, ""
+
+    def blockdiag_matmul(self, x, blocks, bias=None):
+        return blockdiag(x, blocks, bias)
+
+    def sparse24_matmul(self, x, values, meta, bias=None):
+        return sparse24_small(x, values, meta, bias=bias)
+
+    def armor_linear(self, x, a, values, meta, b, bias=None):
+        return decode_layer(x, a, values, meta, b, bias)
+
+
+BACKEND = TritonBackend()
