@@ -8,6 +8,7 @@ quantizer registry is already loaded, otherwise right after it gets imported.
 
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import importlib.util
 import sys
@@ -19,6 +20,7 @@ def register_with_transformers() -> bool:
     """Register the "armor" quantizer with transformers now; False when transformers is not installed."""
     if importlib.util.find_spec("transformers") is None:
         return False
+    importlib.import_module(_REGISTRY_MODULE)  # first, so the hook below never meets a half-imported hf_quantizer
     from . import hf_quantizer
 
     hf_quantizer.register()
