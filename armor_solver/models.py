@@ -52,11 +52,14 @@ def load_model(spec: str, dtype: torch.dtype | None = torch.float32):
 
     directory, gguf = resolve(spec)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    if gguf is None and is_armor_checkpoint(directory):
-        # registers the "armor" quantization method with transformers
-        importlib.import_module("armor_runtime.checkpoint")
     tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+    if gguf is None and is_armor_checkpoint(directory):
+        # registers the "armor" quantization method with transformers; the packed dtype is kept
+        model = importlib.import_module("armor_runtime.checkpoint").load_pretrained(directory)
+    else:
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
     model.eval()
     description = os.path.join(directory, gguf) if gguf else directory
     return model, tokenizer, description

@@ -68,6 +68,7 @@ class PipelineResult:
     settings: PruneSettings
     seconds: float
     out_dir: str | None = None
+    conversion: object = None  # armor_runtime.convert.ConversionReport once converted
 
     def mean_loss(self) -> float:
         losses = [v["proxy_loss"] for v in self.layers.values()]
@@ -312,7 +313,12 @@ def finish(model, tokenizer, result: PipelineResult, partial: str | None) -> Non
     """Swap the pruned linears for ArmorLinear; with an output directory, save and drop the partial files."""
     from armor_runtime.convert import convert_model
 
-    convert_model(model, result.weights)
+    targets = result.settings.targets or calibration.model_targets(model)
+    report = convert_model(model, result.weights, targets=targets, ignore=result.settings.ignore)
+    failed = {n: why for n, why in report.skipped.items() if n in result.weights}
+    if failed:
+        raise PipelineError(f"conversion failed for {len(failed)} layers (partial results kept): {failed}")
+    result.conversion = report
     if result.out_dir is not None:
         from armor_runtime.checkpoint import save_pretrained
 

@@ -1,0 +1,47 @@
+"""``armor eval``: perplexity on the held-out split (never seen by calibration); optional lm-eval tasks."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help='dense HF directory, ARMOR checkpoint, .gguf file or "smollm2-135m"')
+    parser.add_argument("--text", default=None, help="text file whose last 10%% is scored (default: bundled Wikipedia held-out split)")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per evaluation window")
+    parser.add_argument("--windows", type=int, default=32, help="number of non-overlapping windows")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
+    parser.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args) -> int:
+    from armor_solver import data, evaluate, models
+
+    try:
+        corpus = data.load_corpus(args.text)
+        model, tokenizer, source = models.load_model(args.model)
+        limit = models.max_positions(model)
+        if limit is not None and args.seqlen > limit:
+            raise ValueError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings = {limit}")
+        windows = data.evaluation_ids(tokenizer, corpus, args.windows, args.seqlen)
+        model.to(args.device)
+        result = evaluate.perplexity(model, windows, batch_size=args.batch_size, device=args.device)
+        result.update(model=source, text=corpus.source)
+        if args.tasks:
+            if not evaluate.lm_eval_available():
+                print("lm_eval is not installed: skipping --tasks", file=sys.stderr)
+            else:
+                result["lm_eval"] = evaluate.run_lm_eval(model, tokenizer, args.tasks.split(","), limit=args.limit)
+    except (ValueError, RuntimeError) as e:
+        print(f"armor eval: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, indent=1, default=str))
+    else:
+        print(f"perplexity {result['ppl']:.3f} on {result['windows']} windows x {result['seqlen']} tokens "
+              f"of the held-out split of {result['text']} ({result['seconds']:.1f} s) — {source}")
+    return 0
