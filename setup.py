@@ -41,6 +41,8 @@ DEFAULT_ARCHS = "80;90a"
 LT_LIB = "libcusparseLt.so.0"  # the wheels ship no unversioned .so
 # where the nvidia wheels put cuSPARSELt, relative to a site-packages folder (cu13 first: 0.10 ships a cusparse stub)
 WHEEL_SUBDIRS = ("nvidia/cu13", "nvidia/cusparselt", "nvidia/cu12")
+NVCC_FALLBACKS = ["/usr/local/cuda/bin/nvcc"]
+SYSTEM_ROOTS = ["/usr", "/usr/local"]  # searched for cuSPARSELt after the wheels and the toolkit
 
 
 def find_nvcc(env) -> str | None:
@@ -50,14 +52,13 @@ def find_nvcc(env) -> str | None:
     found = shutil.which("nvcc", path=env.get("PATH", ""))
     if found:
         return found
-    fallback = "/usr/local/cuda/bin/nvcc"
-    return fallback if os.path.isfile(fallback) else None
+    return next((p for p in NVCC_FALLBACKS if os.path.isfile(p)), None)
 
 
 def find_cuda_home(nvcc: str, env) -> str | None:
     """The toolkit folder holding cuda_runtime.h and the static CUDA runtime."""
     candidates = [env.get("CUDA_HOME"), env.get("CUDA_PATH"), os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))]
-    candidates.append("/usr/local/cuda")
+    candidates += [os.path.dirname(os.path.dirname(p)) for p in NVCC_FALLBACKS]
     for root in filter(None, candidates):
         if os.path.isfile(os.path.join(root, "include", "cuda_runtime.h")) and cudart_libdir(root):
             return root
@@ -126,7 +127,7 @@ def find_cusparselt(env, dirs, cuda_home: str | None, major: int | None) -> tupl
             found = _lt_pair(os.path.join(d, sub))
             if found:
                 return found
-    for sys_root in filter(None, [cuda_home, "/usr", "/usr/local"]):
+    for sys_root in filter(None, [cuda_home, *SYSTEM_ROOTS]):
         found = _lt_pair(sys_root)
         if found:
             return found

@@ -25,6 +25,7 @@ Environment: ``ARMOR_CUSPARSELT_SEARCH=0`` skips the algorithm search (default a
 from __future__ import annotations
 
 import ctypes
+import importlib
 import os
 import sys
 from dataclasses import dataclass
@@ -64,11 +65,9 @@ def _lt_candidates() -> list[str]:
 def _load():
     """(module, "") or (None, why): try the rpath, then preload cuSPARSELt from the wheels."""
     try:
-        from . import _C
-
-        return _C, ""
+        return importlib.import_module(f"{__package__}._C"), ""
     except ModuleNotFoundError as e:
-        if e.name and e.name.endswith("_C"):
+        if e.name == f"{__package__}._C":
             return None, f"the CUDA extension armor_kernels._C is not built ({e}); {BUILD_HINT}"
         return None, f"{type(e).__name__}: {e}"
     except ImportError as e:
@@ -79,9 +78,7 @@ def _load():
     for path in _lt_candidates():
         try:
             ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            from . import _C
-
-            return _C, ""
+            return importlib.import_module(f"{__package__}._C"), ""
         except (OSError, ImportError) as e:
             tried.append(f"{path}: {e}")
     where = f"; also tried {tried}" if tried else "; no nvidia-cusparselt wheel found on sys.path"
