@@ -134,17 +134,17 @@ def blockdiag(x, blocks, bias=None, out=None, out_dtype=None) -> torch.Tensor:
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _workspace(device, split: int, bm: int, d_out: int, n_tiles: int):
+def _workspace(device, m_tiles: int, split: int, bm: int, d_out: int, n_tiles: int):
     """Split-K partials and per-tile arrival counters, one set per (device, shape), reused.
 
     The counters return to 0 at the end of every launch, so the buffers need no
     reset; they assume one launch at a time per device and shape (one stream).
     """
-    key = (device, split, bm, d_out, n_tiles)
+    key = (device, m_tiles, split, bm, d_out, n_tiles)
     if key not in _workspaces:
         _workspaces[key] = (
-            torch.empty(split, bm, d_out, dtype=torch.float32, device=device),
-            torch.zeros(n_tiles, dtype=torch.int32, device=device),
+            torch.empty(m_tiles, split, bm, d_out, dtype=torch.float32, device=device),
+            torch.zeros(m_tiles, n_tiles, dtype=torch.int32, device=device),
         )
     return _workspaces[key]
 
@@ -155,7 +155,7 @@ def fusable(a: torch.Tensor | None) -> bool:
 
 
 def _sparse_config(m: int, b_out: int | None, n_groups: int) -> dict:
-    bm = _np2(m)
+    bm = min(_np2(m), MAX_SMALL_TOKENS)
     if b_out is not None:
         # a tile = as many whole A blocks as fit in 128 rows (1 block of 96, 4 of 32, ...)
         rows = b_out * max(1, MAX_FUSED_BLOCK // b_out)
@@ -173,17 +173,17 @@ def _pow2_floor(n: int) -> int:
 
 
 def sparse24_small(x, values, meta, a=None, bias=None, out=None, out_dtype=None, split_k=None) -> torch.Tensor:
-    """``(x Sᵀ)`` then ``· blockdiag(a)ᵀ`` if ``a`` is given, ``+ bias``; at most 16 tokens.
+    """``(x Sᵀ)`` then ``· blockdiag(a)ᵀ`` if ``a`` is given, ``+ bias``.
 
-    ``a`` must be fusable (block <= 128); ``split_k`` overrides the automatic
-    split of the input groups across programs (1 disables it).
+    Built for <= 16 tokens; more run as 16-token tiles (for finding where it
+    stops paying; dispatch sends them elsewhere). ``a`` must be fusable
+    (block <= 128); ``split_k`` overrides the automatic split of the input
+    groups across programs (1 disables it).
     """
     d_out, half = values.shape
     d_in = 2 * half
     x2 = _as_2d(x, d_in)
     m = x2.shape[0]
-    if m > MAX_SMALL_TOKENS:
-        raise ValueError(f"x: {m} tokens; the small-batch 2:4 kernel takes at most {MAX_SMALL_TOKENS}")
     if d_in % 4:
         raise ValueError(f"values: d_in = {d_in} is not a multiple of 4 (2:4 groups are 4 columns wide)")
     n_groups = d_in // 4
@@ -207,17 +207,18 @@ def sparse24_small(x, values, meta, a=None, bias=None, out=None, out_dtype=None,
     cfg = _sparse_config(m, b_out, n_groups)
     rows, bg = cfg.pop("rows"), cfg["BLOCK_G"]
     n_tiles = triton.cdiv(d_out, rows)
+    m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
     if split_k is None:
         # fill the GPU twice over, keeping >= 4 chunks of work per split
         split_k = 1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(x.device), n_tiles), n_groups // (4 * bg)))
     groups_per_split = triton.cdiv(triton.cdiv(n_groups, max(1, split_k)), bg) * bg
     split_k = triton.cdiv(n_groups, groups_per_split)
     if split_k > 1:
-        ws, cnt = _workspace(x.device, split_k, cfg["BLOCK_M"], d_out, n_tiles)
+        ws, cnt = _workspace(x.device, m_tiles, split_k, cfg["BLOCK_M"], d_out, n_tiles)
     else:
         ws = cnt = y
     a_t = a.contiguous() if a is not None else values
-    sparse24_small_kernel[(n_tiles, split_k)](
+    sparse24_small_kernel[(n_tiles, split_k, m_tiles)](
         x2, values, meta, a_t, bias if bias is not None else values, y, ws, cnt,
         m, d_out, n_groups, rows, b_out or 1, groups_per_split,
         x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0), y.stride(1),

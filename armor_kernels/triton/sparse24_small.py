@@ -1,7 +1,7 @@
 """Few-token 2:4 product ``z = x Sᵀ`` read straight from the packed format, with
 the output wrapper ``A`` and the bias fused into the epilogue.
 
-Memory-bound regime (1..16 tokens): the time is the bytes of the compressed core
+Memory-bound regime (1..16 tokens; more tokens run as a grid of 16-token tiles): the time is the bytes of the compressed core
 (``d_out·d_in/2`` values + ``d_out·d_in/8`` metadata bytes), so the kernel reads
 each value and metadata byte exactly once, keeps no dense copy in memory and
 does the arithmetic on CUDA cores in fp32:
@@ -59,15 +59,16 @@ def _epilogue(
         a_tile = tl.load(a_ptr + a_off, mask=a_ok, other=0.0).to(tl.float32)
         out = tl.zeros_like(acc)
         # per token: y_m = A_tile · z_m (BLOCK_M <= 16 iterations, unrolled)
+        local_m = tl.arange(0, BLOCK_M)
         for m in tl.static_range(BLOCK_M):
-            sel = offs_m[:, None] == m
+            sel = local_m[:, None] == m
             z_m = tl.sum(tl.where(sel, acc, 0.0), axis=0)
             y_m = tl.sum(a_tile * z_m[None, :], axis=1)
             out += tl.where(sel, y_m[None, :], 0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         out += bias[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + rows[None, :] * stride_yo
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + rows[None, :] * stride_yo
     tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
 
 
@@ -102,11 +103,12 @@ def sparse24_small_kernel(
 ):
     pid_o = tl.program_id(0)
     pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
 
     lane = tl.arange(0, BLOCK_O)
     rows = pid_o * ROWS_PER_TILE + lane
     row_ok = (lane < ROWS_PER_TILE) & (rows < D_OUT)
-    offs_m = tl.arange(0, BLOCK_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     gg = tl.arange(0, BLOCK_G)
     pair = tl.arange(0, 2)
@@ -116,7 +118,7 @@ def sparse24_small_kernel(
     g_hi = tl.minimum(g_lo + GROUPS_PER_SPLIT, N_GROUPS)
     v_rows = vals_ptr + rows.to(tl.int64)[:, None, None] * stride_vo
     m_rows = meta_ptr + rows.to(tl.int64)[:, None] * stride_mo
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
 
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
     for g0 in range(g_lo, g_hi, BLOCK_G):
@@ -149,18 +151,20 @@ def sparse24_small_kernel(
         _epilogue(acc, pid_o, lane, rows, row_ok, offs_m, m_ok, a_ptr, bias_ptr, y_ptr, ROWS_PER_TILE, B_OUT,
                   stride_ym, stride_yo, BLOCK_M, FUSE_A, HAS_BIAS)
     else:
-        # workspace [SPLIT_K, BLOCK_M, D_OUT] fp32, counters [n_tiles] int32 (zero between calls)
-        ws_tile = ws_ptr + offs_m[:, None] * D_OUT + rows[None, :]
-        ws_ok = row_ok[None, :] & (offs_m[:, None] < BLOCK_M)
+        # workspace [m_tiles, SPLIT_K, BLOCK_M, D_OUT] fp32, counters [m_tiles, n_tiles] int32 (0 between calls)
+        local_m = tl.arange(0, BLOCK_M)
+        ws_tile = ws_ptr + pid_m * SPLIT_K * BLOCK_M * D_OUT + local_m[:, None] * D_OUT + rows[None, :]
+        ws_ok = row_ok[None, :] & (local_m[:, None] < BLOCK_M)
         tl.store(ws_tile + pid_k * BLOCK_M * D_OUT, acc, mask=ws_ok)
         # every thread's partial is written before the counter moves (bar.sync + release)
         tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_o, 1, sem="acq_rel")
+        counter = cnt_ptr + pid_m * tl.num_programs(0) + pid_o
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
             for s in range(SPLIT_K):
                 # .cg: read the partials from L2, where the other programs' stores landed
                 total += tl.load(ws_tile + s * BLOCK_M * D_OUT, mask=ws_ok, other=0.0, cache_modifier=".cg")
-            tl.atomic_xchg(cnt_ptr + pid_o, 0)
+            tl.atomic_xchg(counter, 0)
             _epilogue(total, pid_o, lane, rows, row_ok, offs_m, m_ok, a_ptr, bias_ptr, y_ptr, ROWS_PER_TILE,
                       B_OUT, stride_ym, stride_yo, BLOCK_M, FUSE_A, HAS_BIAS)

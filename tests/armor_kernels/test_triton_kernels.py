@@ -1,0 +1,232 @@
+"""Triton kernels against the reference (under TRITON_INTERPRET=1 on CPU, on the GPU when present).
+
+Tolerance (DESIGN.md): the kernel's error against the fp64 oracle is at most 4x
+the error of PyTorch's own same-dtype product, plus 1 ulp of the output's
+magnitude in the output dtype (the interpreter truncates fp32 -> bf16 stores).
+"""
+
+import pytest
+import torch
+
+from armor_kernels import ArmorWeights, reference, sparse24
+from armor_kernels.formats import valid_block_sizes
+
+tb = pytest.importorskip("armor_kernels.backends.triton")
+if tb.IMPORT_ERROR:
+    pytest.skip(f"triton unavailable: {tb.IMPORT_ERROR}", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def assert_matches(got, exact, same_dtype, dtype, what=""):
+    """``got`` within 4x PyTorch's same-dtype error + 1 ulp (4 ulps for fp32) of the fp64 oracle."""
+    assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
+    assert bool(torch.isfinite(got).all()), f"{what}: non-finite output (poison left or overflow)"
+    exact = exact.double().cpu()
+    scale = float(exact.abs().max())
+    err = float((got.double().cpu() - exact).abs().max())
+    base = float((same_dtype.double().cpu() - exact).abs().max())
+    ulps = 4 if dtype == torch.float32 else 1
+    allowed = 4 * base + ulps * EPS[dtype] * scale
+    assert err <= allowed, f"{what}: max error {err:.3g} > allowed {allowed:.3g} (torch {dtype}: {base:.3g})"
+
+
+def poisoned_view(m, n, dtype):
+    """A NaN-filled [m, n] view inside a larger NaN buffer (margins on every side), and the buffer."""
+    big = torch.full((m + 3, n + 5), float("nan"), dtype=dtype, device=DEVICE)
+    return big[1 : 1 + m, 2 : 2 + n], big
+
+
+def assert_margins_untouched(big, m, n):
+    margin = torch.ones_like(big, dtype=torch.bool)
+    margin[1 : 1 + m, 2 : 2 + n] = False
+    assert bool(big[margin].isnan().all()), "kernel wrote outside its output view"
+
+
+def rand_weights(d_out, d_in, b_out, b_in, dtype=torch.float32, bias=True, signed_zeros=True):
+    core = torch.randn(d_out, d_in)
+    mask = sparse24.topk_mask(torch.rand(d_out, d_in))
+    w = ArmorWeights.from_factors(
+        torch.randn(d_out // b_out, b_out, b_out) / b_out**0.5,
+        torch.where(mask, core, 0.0),
+        torch.randn(d_in // b_in, b_in, b_in) / b_in**0.5,
+        bias=torch.randn(d_out) if bias else None,
+        mask=mask,
+        dtype=dtype,
+    )
+    if signed_zeros:
+        # kept values that are zero and negative zero must behave as zeros
+        w.values[::5, ::3] = 0.0
+        w.values[1::7, 1::4] = -0.0
+    return w.to(DEVICE)
+
+
+def dense_core(w):
+    return sparse24.decompress(w.values, w.meta)
+
+
+# ---------------------------------------------------------------------------
+# block-diagonal wrapper
+# ---------------------------------------------------------------------------
+def blockdiag_same_dtype(x, blocks, bias):
+    n, bs, _ = blocks.shape
+    y = torch.einsum("mnk,njk->mnj", x.reshape(x.shape[0], n, bs), blocks).reshape(x.shape)
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("bs", valid_block_sizes(48))
+@pytest.mark.parametrize("tokens", [1, 17])
+def test_blockdiag_every_block_size(bs, tokens):
+    x = torch.randn(tokens, 48, device=DEVICE)
+    blocks = torch.randn(48 // bs, bs, bs, device=DEVICE)
+    bias = torch.randn(48, device=DEVICE) if bs % 2 else None
+    got = tb.blockdiag(x, blocks, bias)
+    exact = reference.blockdiag_matmul(x.double(), blocks.double(), None if bias is None else bias.double())
+    assert_matches(got, exact, blockdiag_same_dtype(x, blocks, bias), torch.float32, f"bs={bs}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 17, 64])
+def test_blockdiag_dtypes_and_token_counts(dtype, tokens):
+    bs = 24 if tokens % 2 else 16  # 24: not a power of two (masked tile)
+    x = torch.randn(tokens, 48, device=DEVICE).to(dtype)
+    blocks = (torch.randn(48 // bs, bs, bs, device=DEVICE) / bs**0.5).to(dtype)
+    bias = torch.randn(48, device=DEVICE).to(dtype) if tokens > 1 else None
+    got = tb.blockdiag(x, blocks, bias)
+    exact = reference.blockdiag_matmul(x.double(), blocks.double(), None if bias is None else bias.double())
+    assert_matches(got, exact, blockdiag_same_dtype(x, blocks, bias), dtype, f"{dtype} tokens={tokens}")
+
+
+def test_blockdiag_poisoned_guarded_noncontiguous():
+    x = torch.randn(48, 6, device=DEVICE).t()  # [6, 48], strides (1, 6): not contiguous
+    assert not x.is_contiguous()
+    blocks = torch.randn(4, 12, 12, device=DEVICE)
+    out, big = poisoned_view(6, 48, torch.float32)
+    tb.blockdiag(x, blocks, None, out=out)
+    assert_margins_untouched(big, 6, 48)
+    exact = reference.blockdiag_matmul(x.double(), blocks.double())
+    assert_matches(out, exact, blockdiag_same_dtype(x, blocks, None), torch.float32, "view")
+
+
+def test_blockdiag_leading_batch_dims_and_errors():
+    x = torch.randn(2, 3, 32, device=DEVICE)
+    blocks = torch.randn(4, 8, 8, device=DEVICE)
+    got = tb.blockdiag(x, blocks)
+    assert got.shape == (2, 3, 32)
+    torch.testing.assert_close(got, reference.blockdiag_matmul(x, blocks), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="last dim 32"):
+        tb.blockdiag(x, torch.randn(3, 8, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="bias"):
+        tb.blockdiag(x, blocks, torch.randn(31, device=DEVICE))
+
+
+# ---------------------------------------------------------------------------
+# small-batch 2:4, with and without the fused output wrapper
+# ---------------------------------------------------------------------------
+def sparse_same_dtype(x, w, a=None, bias=None):
+    z = torch.nn.functional.linear(x, dense_core(w))
+    if a is not None:
+        z = blockdiag_same_dtype(z, a, None)
+    return z if bias is None else z + bias
+
+
+@pytest.mark.parametrize("b_out", valid_block_sizes(48))
+def test_sparse24_fused_a_every_output_block(b_out):
+    # d_in = 36: 9 groups, so the last metadata byte carries a padding nibble
+    w = rand_weights(48, 36, b_out, 4)
+    x = torch.randn(3, 36, device=DEVICE)
+    split = 3 if b_out in (1, 16, 48) else 1
+    got = tb.sparse24_small(x, w.values, w.meta, a=w.a, bias=w.bias, split_k=split)
+    exact = reference.blockdiag_matmul(
+        reference.sparse24_matmul(x.double(), w.values.double(), w.meta), w.a.double(), w.bias.double()
+    )
+    assert_matches(got, exact, sparse_same_dtype(x, w, w.a, w.bias), torch.float32, f"b_out={b_out}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 17, 64])
+def test_sparse24_dtypes_and_token_counts(dtype, tokens):
+    w = rand_weights(48, 40, 48, 4, dtype=dtype, bias=tokens != 3)
+    x = torch.randn(tokens, 40, device=DEVICE).to(dtype)
+    got = tb.sparse24_small(x, w.values, w.meta, bias=w.bias, split_k=2 if tokens in (3, 64) else 1)
+    bias64 = None if w.bias is None else w.bias.double()
+    exact = reference.sparse24_matmul(x.double(), w.values.double(), w.meta, bias64)
+    assert_matches(got, exact, sparse_same_dtype(x, w, None, w.bias), dtype, f"{dtype} tokens={tokens}")
+
+
+def test_sparse24_poisoned_guarded_noncontiguous_and_repeatable():
+    w = rand_weights(32, 48, 16, 4)
+    x = torch.randn(48, 5, device=DEVICE).t()  # [5, 48], not contiguous
+    exact = reference.blockdiag_matmul(
+        reference.sparse24_matmul(x.double(), w.values.double(), w.meta), w.a.double(), w.bias.double()
+    )
+    for _ in range(2):  # split-K counters must be back to 0 for the second call
+        out, big = poisoned_view(5, 32, torch.float32)
+        tb.sparse24_small(x, w.values, w.meta, a=w.a, bias=w.bias, out=out, split_k=4)
+        assert_margins_untouched(big, 5, 32)
+        assert_matches(out, exact, sparse_same_dtype(x, w, w.a, w.bias), torch.float32, "view")
+
+
+def test_sparse24_rejects_bad_inputs(monkeypatch):
+    w = rand_weights(32, 32, 16, 4)
+    x = torch.randn(2, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="last dim 31"):
+        tb.sparse24_small(x[:, :31], w.values, w.meta)
+    with pytest.raises(ValueError, match="meta"):
+        tb.sparse24_small(x, w.values, w.meta[:, :-1])
+    with pytest.raises(ValueError, match="a: expected"):
+        tb.sparse24_small(x, w.values, w.meta, a=w.a[:1])
+    monkeypatch.setattr(tb, "MAX_FUSED_BLOCK", 8)
+    with pytest.raises(ValueError, match="wider than the fused epilogue"):
+        tb.sparse24_small(x, w.values, w.meta, a=w.a)
+
+
+# ---------------------------------------------------------------------------
+# the whole layer for decode
+# ---------------------------------------------------------------------------
+def layer_same_dtype(x, w):
+    w_hat = reference.materialize(w.a, w.values, w.meta, w.b).to(x.dtype)
+    return torch.nn.functional.linear(x, w_hat, w.bias)
+
+
+def layer_exact(x, w):
+    bias = None if w.bias is None else w.bias.double()
+    return reference.armor_linear(x.double(), w.a.double(), w.values.double(), w.meta, w.b.double(), bias)
+
+
+@pytest.mark.parametrize("b_in", valid_block_sizes(48, 4))
+def test_decode_layer_every_input_block(b_in):
+    w = rand_weights(32, 48, 8, b_in, bias=b_in % 8 == 0)
+    x = torch.randn(1, 48, device=DEVICE)
+    got = tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias)
+    assert_matches(got, layer_exact(x, w), layer_same_dtype(x, w), torch.float32, f"b_in={b_in}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_decode_layer_dtypes(dtype, tokens):
+    w = rand_weights(64, 48, 32, 12, dtype=dtype)
+    x = torch.randn(tokens, 48, device=DEVICE).to(dtype)
+    got = tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias)
+    assert_matches(got, layer_exact(x, w), layer_same_dtype(x, w), dtype, f"{dtype} tokens={tokens}")
+
+
+def test_decode_layer_unfused_output_wrapper(monkeypatch):
+    # blocks wider than the epilogue's limit go through a third launch
+    monkeypatch.setattr(tb, "MAX_FUSED_BLOCK", 8)
+    w = rand_weights(32, 32, 16, 8)
+    assert not tb.fusable(w.a)
+    x = torch.randn(2, 32, device=DEVICE)
+    got = tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias)
+    assert_matches(got, layer_exact(x, w), layer_same_dtype(x, w), torch.float32, "unfused A")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_layer_gpu_llama_shape(dtype):
+    w = rand_weights(4096, 4096, 128, 128, dtype=dtype)
+    x = torch.randn(4, 4096, device=DEVICE).to(dtype)
+    got = tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias)
+    assert_matches(got, layer_exact(x, w), layer_same_dtype(x, w), dtype, "4096x4096")
