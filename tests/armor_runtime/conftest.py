@@ -79,3 +79,12 @@ def make_armor_weights():
 @pytest.fixture
 def make_tiny_config():
     return tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a shared, loaded machine 2 threads run ~40x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
