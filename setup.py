@@ -210,7 +210,7 @@ def cuda_extension_or_reason(env=None, dirs=None):
         include_dirs=include_dirs,
         library_dirs=[cudart_libdir(cuda_home), lt_lib],
         libraries=["cudart_static", "dl", "rt", "pthread"],
-        extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden"],
+        extra_compile_args=["-O3", "-g0", "-std=c++17", "-fvisibility=hidden"],
         extra_link_args=[f"-l:{LT_LIB}"] + [f"-Wl,-rpath,{p}" for p in rpaths],
         depends=HEADERS + CU_SOURCES,
         language="c++",
