@@ -123,9 +123,9 @@ class TorchSparseBackend(Backend):
         if isinstance(found, (tuple, list)):
             alg_id, split_k, mode = (list(found) + [1, -1])[:3]
         else:
-            alg_id, split_k, mode = found, 1, None
+            alg_id, split_k, mode = found, None, None
         kwargs = {"alg_id": int(alg_id)}
-        if "split_k" in names:
+        if split_k is not None and "split_k" in names:
             kwargs["split_k"] = int(split_k)
         if mode is not None and "split_k_mode" in names:
             kwargs["split_k_mode"] = int(mode)

@@ -1,0 +1,90 @@
+"""The cuSPARSELt backend: availability reasons, feature detection of the search API, GPU correctness."""
+
+import types
+
+import pytest
+import torch
+
+from armor_kernels import ArmorWeights, dispatch, reference, sparse24
+from armor_kernels.backends import torch_sparse
+
+
+def test_unavailable_without_gpu_says_why():
+    ok, why = torch_sparse.BACKEND.is_available()
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert not ok
+    assert "CUDA" in why or "cuSPARSELt" in why
+
+
+def test_can_implement_rejects_cpu_tensors_and_other_ops():
+    values = torch.zeros(32, 16, dtype=torch.float16)
+    meta = torch.zeros(32, 4, dtype=torch.uint8)
+    x = torch.zeros(4, 32, dtype=torch.float16)
+    ok, why = torch_sparse.BACKEND.can_implement("sparse24_matmul", x, values, meta, None)
+    assert not ok and "needs CUDA" in why
+    ok, why = torch_sparse.BACKEND.can_implement("armor_linear", x, None, values, meta, None, None)
+    assert not ok and "no armor_linear" in why
+
+
+def test_ranks_below_the_small_batch_kernel_for_decode():
+    assert dispatch.rank(torch_sparse.BACKEND, "cuda", "decode") < dispatch.rank(torch_sparse.BACKEND, "cuda", "prefill")
+    triton = dispatch._load().get("triton")
+    if triton is not None:
+        assert dispatch.rank(triton, "cuda", "decode") > dispatch.rank(torch_sparse.BACKEND, "cuda", "decode")
+
+
+def test_search_is_feature_detected(monkeypatch):
+    backend = torch_sparse.TorchSparseBackend()
+    # newer torch: torch._C._cusparselt.mm_search -> (alg_id, split_k, split_k_mode, max_alg_id)
+    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=lambda *a: (3, 2, 1, 7)), raising=False)
+    monkeypatch.setattr(torch_sparse, "_schema_args", lambda: {"alg_id", "split_k", "split_k_mode"})
+    kwargs, how = backend._search(None, None, None)
+    assert kwargs == {"alg_id": 3, "split_k": 2, "split_k_mode": 1} and "mm_search" in how
+    # older torch: split_k_one_kernel instead of split_k_mode
+    monkeypatch.setattr(torch_sparse, "_schema_args", lambda: {"alg_id", "split_k", "split_k_one_kernel"})
+    assert backend._search(None, None, None)[0] == {"alg_id": 3, "split_k": 2, "split_k_one_kernel": True}
+    # oldest: only torch._cslt_sparse_mm_search -> alg id
+    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(), raising=False)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 5, raising=False)
+    kwargs, how = backend._search(None, None, None)
+    assert kwargs == {"alg_id": 5} and "_cslt_sparse_mm_search" in how
+
+    # a failing search is visible, not fatal
+    def broken(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", broken)
+    kwargs, how = backend._search(None, None, None)
+    assert kwargs == {} and "boom" in how
+
+
+def test_real_schema_has_the_arguments_we_pass():
+    names = torch_sparse._schema_args()
+    if not names:
+        pytest.skip("this torch has no _cslt_sparse_mm")
+    assert {"bias", "transpose_result", "alg_id"} <= names
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [1, 3, 17, 64])
+def test_gpu_matches_reference(dtype, tokens):
+    backend = torch_sparse.BACKEND
+    ok, why = backend.is_available()
+    if not ok:
+        pytest.skip(why)
+    core = torch.randn(256, 512)
+    mask = sparse24.topk_mask(core.abs())
+    w = ArmorWeights.from_factors(
+        torch.eye(128).expand(2, 128, 128), torch.where(mask, core, 0.0), torch.eye(128).expand(4, 128, 128),
+        bias=torch.randn(256), mask=mask, dtype=dtype,
+    ).to("cuda")  # fmt: skip
+    backend.prepare(w.a, w.values, w.meta, w.b, w.bias)
+    x = torch.randn(tokens, 512, device="cuda").to(dtype)
+    got = backend.sparse24_matmul(x, w.values, w.meta, w.bias)
+    want = reference.sparse24_matmul(x.float(), w.values.float(), w.meta, w.bias.float())
+    same = torch.nn.functional.linear(x, sparse24.decompress(w.values, w.meta), w.bias).float()
+    err = float((got.float() - want).abs().max())
+    assert err <= 4 * float((same - want).abs().max()) + 2.0**-7 * float(want.abs().max())
+    assert backend.plans(), "the searched algorithm was not recorded"
