@@ -74,7 +74,7 @@ def cudart_libdir(cuda_home: str) -> str | None:
 
 def nvcc_major(nvcc: str) -> int | None:
     try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"release (\d+)\.", out)
@@ -118,10 +118,8 @@ def find_cusparselt(env, dirs, cuda_home: str | None, major: int | None) -> tupl
     if root:
         found = _lt_pair(root)
         return found or f"ARMOR_CUSPARSELT_ROOT={root} has no include/cusparseLt.h and lib/{LT_LIB}"
-    subdirs = list(WHEEL_SUBDIRS)
-    if major is not None and f"nvidia/cu{major}" in subdirs:  # prefer the wheel built for this toolkit
-        subdirs.remove(f"nvidia/cu{major}")
-        subdirs.insert(0, f"nvidia/cu{major}")
+    # prefer the wheel built for this toolkit: -cu12 installs under nvidia/cusparselt (0.6-0.8) or nvidia/cu12
+    subdirs = ["nvidia/cu12", "nvidia/cusparselt", "nvidia/cu13"] if major == 12 else list(WHEEL_SUBDIRS)
     for d in dirs:
         for sub in subdirs:
             found = _lt_pair(os.path.join(d, sub))
@@ -249,7 +247,7 @@ class BuildExt(build_ext):
         try:
             self._compile_cuda(ext)
             super().build_extension(ext)
-        except Exception as e:  # noqa: BLE001 - a failed optional build must not break the install
+        except Exception as e:
             if _force(os.environ):
                 raise
             print(f"armor: the CUDA extension failed to build ({type(e).__name__}: {e}); continuing without it")

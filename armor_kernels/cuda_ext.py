@@ -143,7 +143,7 @@ class CompressedCore:
 
 
 def check_core_shapes(values: torch.Tensor, meta: torch.Tensor) -> str:
-    """"" when (values, meta) can go through cuSPARSELt, else the rule they break."""
+    """ "" when (values, meta) can go through cuSPARSELt, else the rule they break."""
     if values.dtype not in DTYPE_CODES:
         return f"values: dtype {values.dtype} is not float16 or bfloat16"
     if values.dim() != 2:
@@ -176,8 +176,18 @@ def compress(values: torch.Tensor, meta: torch.Tensor) -> CompressedCore:
         scratch = torch.empty(max(scratch_size, 1), dtype=torch.uint8, device=device)
         dense = torch.empty(n, k, dtype=values.dtype, device=device)
         stream = torch.cuda.current_stream(device).cuda_stream
-        _C.compress(device.index, code, n, k, values.data_ptr(), meta.data_ptr(), dense.data_ptr(),
-                    buffer.data_ptr(), scratch.data_ptr() if scratch_size else 0, stream)
+        _C.compress(
+            device.index,
+            code,
+            n,
+            k,
+            values.data_ptr(),
+            meta.data_ptr(),
+            dense.data_ptr(),
+            buffer.data_ptr(),
+            scratch.data_ptr() if scratch_size else 0,
+            stream,
+        )
     # dense and scratch go back to the caching allocator in stream order: no sync needed
     return CompressedCore(buffer, n, k, values.dtype)
 
@@ -212,9 +222,23 @@ def _first_use(key, x, core, out, bias_ptr, alpha_ptr, alpha, stream) -> dict:
     # the search times kernels and synchronizes: never inside a graph capture
     if _search_enabled() and not info["searched"] and not torch.cuda.is_current_stream_capturing():
         scratch = torch.empty(max(info["workspace"], SEARCH_WORKSPACE), dtype=torch.uint8, device=device)
-        info = _C.search(device.index, DTYPE_CODES[core.dtype], core.n, core.k, x.shape[0], bias_ptr, bool(alpha_ptr),
-                         x.data_ptr(), core.buffer.data_ptr(), out.data_ptr(), alpha_ptr, alpha,
-                         scratch.data_ptr(), scratch.numel(), stream)
+        info = _C.search(
+            device.index,
+            DTYPE_CODES[core.dtype],
+            core.n,
+            core.k,
+            x.shape[0],
+            bias_ptr,
+            bool(alpha_ptr),
+            x.data_ptr(),
+            core.buffer.data_ptr(),
+            out.data_ptr(),
+            alpha_ptr,
+            alpha,
+            scratch.data_ptr(),
+            scratch.numel(),
+            stream,
+        )
     _plans[key] = info
     return info
 
@@ -253,7 +277,9 @@ def sparse24_mm(
     alpha_ptr, alpha_value = 0, 1.0
     if isinstance(alpha, torch.Tensor):
         if tuple(alpha.shape) != (n,) or alpha.dtype != torch.float32 or alpha.device != x.device:
-            raise ValueError(f"cuda_ext.sparse24_mm: alpha vector {tuple(alpha.shape)} {alpha.dtype} must be float32 [{n}]")
+            raise ValueError(
+                f"cuda_ext.sparse24_mm: alpha vector {tuple(alpha.shape)} {alpha.dtype} must be float32 [{n}]"
+            )
         alpha = alpha.contiguous()
         alpha_ptr = alpha.data_ptr()
     else:
@@ -266,8 +292,22 @@ def sparse24_mm(
     if info is None:
         info = _first_use(key, x2, core, out, bias_ptr, alpha_ptr, alpha_value, stream)
     ws = _workspace(device, stream, info["workspace"])
-    _C.matmul(device.index, DTYPE_CODES[x.dtype], n, k, padded, bias_ptr, x2.data_ptr(), core.buffer.data_ptr(),
-              out.data_ptr(), alpha_ptr, alpha_value, ws.data_ptr(), ws.numel(), stream)
+    _C.matmul(
+        device.index,
+        DTYPE_CODES[x.dtype],
+        n,
+        k,
+        padded,
+        bias_ptr,
+        x2.data_ptr(),
+        core.buffer.data_ptr(),
+        out.data_ptr(),
+        alpha_ptr,
+        alpha_value,
+        ws.data_ptr(),
+        ws.numel(),
+        stream,
+    )
     if padded != tokens:
         out = out[:tokens]
     return out.reshape(*lead, n)

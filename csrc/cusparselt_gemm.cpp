@@ -111,7 +111,9 @@ struct Plan {
 
   ~Plan() {
     if (made >= 5) cusparseLtMatmulPlanDestroy(&plan);
+#if CUSPARSELT_VERSION >= 800
     if (made >= 4) cusparseLtMatmulAlgSelectionDestroy(&alg);  // required from cuSPARSELt 0.8
+#endif
     if (made >= 3) cusparseLtMatDescriptorDestroy(&c);
     if (made >= 2) cusparseLtMatDescriptorDestroy(&b);
     if (made >= 1) cusparseLtMatDescriptorDestroy(&a);

@@ -140,7 +140,9 @@ def test_built_module_exports_bindings():
 @needs_build
 def test_built_module_loads_or_names_the_missing_library():
     code = "from armor_kernels import cuda_ext as c; print(c._C is not None); print(c.available()[1])"
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False
+    )
     assert run.returncode == 0, run.stderr
     loaded, why = run.stdout.splitlines()[:2]
     if loaded == "False":

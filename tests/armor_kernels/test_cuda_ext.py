@@ -56,7 +56,7 @@ def test_missing_module_is_a_reason_not_a_crash(no_extension):
 def test_missing_library_keeps_the_loader_text(no_extension, monkeypatch):
     text = "libcusparseLt.so.0: cannot open shared object file: No such file or directory"
     no_extension(ImportError(text))
-    monkeypatch.setattr(cuda_ext, "_lt_candidates", lambda: [])
+    monkeypatch.setattr(cuda_ext, "_lt_candidates", list)
     module, why = cuda_ext._load()
     assert module is None
     assert text in why and "nvidia-cusparselt-cu13" in why
@@ -89,7 +89,9 @@ def test_backend_identity():
 def test_can_implement_rejects_cpu_with_reason():
     values = torch.zeros(32, 32, dtype=torch.float16)
     meta = torch.zeros(32, 8, dtype=torch.uint8)
-    ok, why = cuda_backend.BACKEND.can_implement("sparse24_matmul", torch.zeros(64, 64, dtype=torch.float16), values, meta)
+    ok, why = cuda_backend.BACKEND.can_implement(
+        "sparse24_matmul", torch.zeros(64, 64, dtype=torch.float16), values, meta
+    )
     assert not ok and "CUDA" in why
     ok, why = cuda_backend.BACKEND.can_implement("armor_linear", torch.zeros(64, 64), values, meta)
     assert not ok and "armor_linear" in why
@@ -101,7 +103,11 @@ def test_can_implement_rejects_cpu_with_reason():
         (torch.zeros(32, 32, dtype=torch.float32), torch.zeros(32, 8, dtype=torch.uint8), "float16 or bfloat16"),
         (torch.zeros(24, 32, dtype=torch.float16), torch.zeros(24, 8, dtype=torch.uint8), "multiple of 16"),
         (torch.zeros(32, 36, dtype=torch.float16), torch.zeros(32, 9, dtype=torch.uint8), "multiple of 16"),
-        (torch.zeros(32, 32, dtype=torch.float16), torch.zeros(32, 4, dtype=torch.uint8), "meta: expected uint8 [32, 8]"),
+        (
+            torch.zeros(32, 32, dtype=torch.float16),
+            torch.zeros(32, 4, dtype=torch.uint8),
+            "meta: expected uint8 [32, 8]",
+        ),
         (torch.zeros(32, 32, dtype=torch.bfloat16), torch.zeros(32, 8, dtype=torch.uint8), ""),
     ],
 )
