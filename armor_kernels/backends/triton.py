@@ -42,6 +42,8 @@ except Exception as e:  # noqa: BLE001 - any import failure makes the backend un
 # The small-batch 2:4 kernel's range: the decode regime. Beyond it the CUDA-core
 # arithmetic (2 FMAs per kept value and token) stops hiding under the weight reads.
 MAX_SMALL_TOKENS = 16
+# From this many tokens the 2:4 kernel multiplies on tensor cores (16-row tiles)
+DOT_MIN_TOKENS = 9
 # Widest output block the epilogue fuses: a [128, 128] fp32 A tile is 64 registers
 # per thread at 8 warps; wider blocks take a separate wrapper launch.
 MAX_FUSED_BLOCK = 128
@@ -154,7 +156,7 @@ def fusable(a: torch.Tensor | None) -> bool:
     return a is not None and a.shape[-1] <= MAX_FUSED_BLOCK
 
 
-def _sparse_config(m: int, b_out: int | None, n_groups: int) -> dict:
+def _sparse_config(m: int, b_out: int | None, n_groups: int, use_dot: bool) -> dict:
     bm = min(_np2(m), MAX_SMALL_TOKENS)
     if b_out is not None:
         # a tile = as many whole A blocks as fit in 128 rows (1 block of 96, 4 of 32, ...)
@@ -163,8 +165,10 @@ def _sparse_config(m: int, b_out: int | None, n_groups: int) -> dict:
         rows = 64
     bo = _np2(rows)
     # product tile [BLOCK_M, BLOCK_O, 4*BLOCK_G]: ~16K fp32 on GPU (64 per thread at 8 warps)
+    # (tensor-core path: only the [BLOCK_O, 4*BLOCK_G] expanded tile, 128 columns)
     budget = 1 << 18 if interpreting() else 1 << 14
-    bg = max(1, min(64, budget // (bm * bo * 4), _np2(n_groups)))
+    bg = 32 if use_dot else budget // (bm * bo * 4)
+    bg = max(4 if use_dot else 1, min(64, bg, _np2(n_groups)))  # tl.dot needs K = 4*BLOCK_G >= 16
     return dict(rows=rows, BLOCK_M=bm, BLOCK_O=bo, BLOCK_G=_pow2_floor(bg))
 
 
@@ -172,13 +176,16 @@ def _pow2_floor(n: int) -> int:
     return 1 << (int(n).bit_length() - 1)
 
 
-def sparse24_small(x, values, meta, a=None, bias=None, out=None, out_dtype=None, split_k=None) -> torch.Tensor:
+def sparse24_small(
+    x, values, meta, a=None, bias=None, out=None, out_dtype=None, split_k=None, use_dot=None
+) -> torch.Tensor:
     """``(x Sᵀ)`` then ``· blockdiag(a)ᵀ`` if ``a`` is given, ``+ bias``.
 
     Built for <= 16 tokens; more run as 16-token tiles (for finding where it
     stops paying; dispatch sends them elsewhere). ``a`` must be fusable
     (block <= 128); ``split_k`` overrides the automatic split of the input
-    groups across programs (1 disables it).
+    groups across programs (1 disables it); ``use_dot`` overrides the choice of
+    tensor cores (default: from 9 tokens on, where a 16-row tile is at least half used).
     """
     d_out, half = values.shape
     d_in = 2 * half
@@ -204,7 +211,11 @@ def sparse24_small(x, values, meta, a=None, bias=None, out=None, out_dtype=None,
 
     values = values if values.stride(-1) == 1 else values.contiguous()
     meta = meta if meta.stride(-1) == 1 else meta.contiguous()
-    cfg = _sparse_config(m, b_out, n_groups)
+    if use_dot is None:
+        use_dot = m > DOT_MIN_TOKENS - 1
+    cfg = _sparse_config(m, b_out, n_groups, use_dot)
+    if use_dot:
+        cfg["BLOCK_M"] = max(16, cfg["BLOCK_M"])  # tl.dot needs >= 16 rows
     rows, bg = cfg.pop("rows"), cfg["BLOCK_G"]
     n_tiles = triton.cdiv(d_out, rows)
     m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
@@ -223,6 +234,7 @@ def sparse24_small(x, values, meta, a=None, bias=None, out=None, out_dtype=None,
         m, d_out, n_groups, rows, b_out or 1, groups_per_split,
         x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0), y.stride(1),
         SPLIT_K=split_k, FUSE_A=a is not None, HAS_BIAS=bias is not None,
+        USE_DOT=use_dot, DOT_DTYPE=_dot_dtype(values.dtype),
         num_warps=8 if cfg["BLOCK_O"] >= 128 else 4, num_stages=3 if not interpreting() else 1, **cfg,
     )  # fmt: skip
     return y if out is not None else y.reshape(*x.shape[:-1], d_out)

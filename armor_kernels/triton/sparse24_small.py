@@ -4,7 +4,8 @@ the output wrapper ``A`` and the bias fused into the epilogue.
 Memory-bound regime (1..16 tokens; more tokens run as a grid of 16-token tiles): the time is the bytes of the compressed core
 (``d_out·d_in/2`` values + ``d_out·d_in/8`` metadata bytes), so the kernel reads
 each value and metadata byte exactly once, keeps no dense copy in memory and
-does the arithmetic on CUDA cores in fp32:
+does the arithmetic in fp32 on CUDA cores (up to 8 tokens) or, from 9 tokens,
+on tensor cores with the register tile in the weights' dtype (``USE_DOT``):
 
 1. load a ``[BLOCK_O, BLOCK_G, 2]`` tile of kept values (contiguous per row) and
    the matching metadata bytes, decode the two column offsets of every group;
@@ -100,6 +101,8 @@ def sparse24_small_kernel(
     SPLIT_K: tl.constexpr,
     FUSE_A: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
 ):
     pid_o = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -145,7 +148,12 @@ def sparse24_small_kernel(
         c_ok = tl.reshape(g_ok[:, None] & (quad[None, :] < 4), (4 * BLOCK_G,))
         x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         x = x.to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        if USE_DOT:
+            # 9..16 tokens: the expanded tile goes through the tensor cores (2x the
+            # useful FLOPs, but CUDA cores would be the bottleneck at 16 tokens)
+            acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w).to(DOT_DTYPE), acc, input_precision="ieee")
+        else:
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
 
     if SPLIT_K == 1:
         _epilogue(acc, pid_o, lane, rows, row_ok, offs_m, m_ok, a_ptr, bias_ptr, y_ptr, ROWS_PER_TILE, B_OUT,
