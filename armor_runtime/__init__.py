@@ -41,7 +41,8 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run_module(module)
-            register_with_transformers()
+            if f"{__name__}.hf_quantizer" not in sys.modules:  # else it is importing now and registers at its end
+                register_with_transformers()
 
         spec.loader.exec_module = exec_module
         return spec

@@ -210,3 +210,6 @@ def register() -> None:
     """Add "armor" to transformers' quantizer and quantization-config registries (idempotent)."""
     hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = ArmorConfig
     hf_auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = ArmorHfQuantizer
+
+
+register()

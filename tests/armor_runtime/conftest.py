@@ -54,7 +54,8 @@ def build_converted(family: str, dtype=torch.float32):
     from armor_runtime.convert import convert_model
 
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family)).to(dtype).eval()
+    # dtype= at build time keeps the rotary inv_freq in fp32, as from_pretrained does (.to(dtype) would round it)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(family), dtype=dtype).eval()
     report = convert_model(model, armor_weights_for(model))
     return model, report
 
@@ -88,3 +89,12 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def saved_llama(tmp_path_factory):
+    """A converted tiny Llama saved as a sharded ARMOR checkpoint (one per test module; copy before editing)."""
+    from armor_runtime.checkpoint import save_pretrained
+
+    model, _ = build_converted("llama")
+    return save_pretrained(model, tmp_path_factory.mktemp("good") / "ckpt", max_shard_size=40_000)
