@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", default=None, help=f"token counts (default {','.join(map(str, TOKENS))})")
     p.add_argument("--dtypes", default=None, help="bf16,fp16 (default both; smoke: bf16)")
     p.add_argument("--providers", default="all", help="all | dense,cslt_search,cslt_alg0,armor_<backend>,...")
+    p.add_argument("--exclude", default="", help="providers to leave out, comma-separated (e.g. armor_reference)")
     p.add_argument("--block-size", type=int, default=128, help="ARMOR wrapper block size per side (default 128)")
     p.add_argument("--out", default="bench_kernels.csv", help="CSV to append to")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -277,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         providers = common.parse_list(args.providers)
         explicit = set(providers)
+    providers = [p for p in providers if p not in common.parse_list(args.exclude)]
     torch.manual_seed(0)
     roof = common.measure_roofline(device, dtypes, args.smoke)
     print(

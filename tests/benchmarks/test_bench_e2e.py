@@ -1,0 +1,114 @@
+"""The end-to-end benchmark harness in --smoke mode on CPU (tiny random Llama)."""
+
+import math
+
+import pytest
+import torch
+
+from armor_kernels import dispatch
+from benchmarks import bench_e2e, common
+
+
+@pytest.fixture(scope="module")
+def smoke_rows(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    out = tmp / "e.csv"
+    dispatch.reset()
+    argv = ["--smoke", "--prefill", "8", "--decode-batches", "1", "--decode-modes", "eager,static,cuda_graph",
+            "--new-tokens", "2", "--out", str(out), "--scratch", str(tmp)]  # fmt: skip
+    assert bench_e2e.main(argv) == 0
+    with open(out) as f:
+        header = f.readline().strip().split(",")
+    return header, common.read_csv(out)
+
+
+def _f(v):
+    return float(v) if v != "" else math.nan
+
+
+def _row(rows, **want):
+    hits = [r for r in rows if all(r[k] == str(v) for k, v in want.items())]
+    assert len(hits) == 1, (want, hits)
+    return hits[0]
+
+
+def test_columns_and_rows(smoke_rows):
+    header, rows = smoke_rows
+    assert header == bench_e2e.COLUMNS
+    dense = [r for r in rows if r["variant"] == "dense"]
+    # weights, prefill, 3 decode modes, disk
+    assert [r["phase"] for r in dense] == ["weights", "prefill", "decode", "decode", "decode", "disk"]
+    assert all(r["model"] == "tiny" and r["layers_note"] == "2 of 2" for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only reasons")
+def test_gpu_only_parts_are_unavailable_with_reasons(smoke_rows):
+    _, rows = smoke_rows
+    plain = [r for r in rows if r["variant"] == "plain24"]
+    assert len(plain) == 1 and plain[0]["status"] == "unavailable" and "GPU" in plain[0]["reason"]
+    graphs = [r for r in rows if r["decode_mode"] == "cuda_graph"]
+    assert graphs and all(r["status"] == "unavailable" and "CUDA" in r["reason"] for r in graphs)
+
+
+def test_armor_rows_are_labelled_cpu_reference_and_timed(smoke_rows):
+    _, rows = smoke_rows
+    timed = [r for r in rows if r["variant"] == "armor" and r["phase"] in ("prefill", "decode") and r["status"] == "ok"]
+    assert len(timed) == 3  # prefill, decode eager, decode static
+    for r in timed:
+        assert r["impl"] == "cpu reference"
+        assert _f(r["tokens_per_s"]) > 0
+
+
+def test_tokens_per_s_and_speedups_are_consistent(smoke_rows):
+    _, rows = smoke_rows
+    for r in rows:
+        if r["phase"] not in ("prefill", "decode") or r["status"] != "ok":
+            continue
+        n_tok = int(r["tokens"]) if r["phase"] == "prefill" else int(r["batch"]) * int(r["new_tokens"])
+        assert _f(r["tokens_per_s"]) == pytest.approx(n_tok / _f(r["seconds"]), rel=1e-4)
+        key = {k: r[k] for k in ("phase", "tokens", "batch", "decode_mode")}
+        dense = _row(rows, variant="dense", **key)
+        assert _f(r["speedup_vs_dense"]) == pytest.approx(_f(r["tokens_per_s"]) / _f(dense["tokens_per_s"]), rel=1e-3)
+
+
+def test_weights_and_disk_bytes(smoke_rows):
+    _, rows = smoke_rows
+    for phase, col in (("weights", "weights_bytes"), ("disk", "disk_bytes")):
+        dense, armor = _row(rows, variant="dense", phase=phase), _row(rows, variant="armor", phase=phase)
+        assert dense["status"] == armor["status"] == "ok"
+        assert int(dense[col]) > 0 and int(armor[col]) > 0
+        assert _f(armor["bytes_vs_dense"]) == pytest.approx(int(armor[col]) / int(dense[col]), rel=1e-4)
+    # in memory the packed layers are smaller than the dense ones they replace (block 8, d 32..128)
+    assert int(_row(rows, variant="armor", phase="weights")["weights_bytes"]) < int(
+        _row(rows, variant="dense", phase="weights")["weights_bytes"]
+    )
+
+
+def test_static_cache_decoder_matches_dynamic_cache():
+    """The fixed-address decode step (what a CUDA graph captures) computes the same logits."""
+    from transformers import DynamicCache
+
+    model, *_ = bench_e2e.build_model("tiny", None, torch.float32, torch.device("cpu"))
+    ids = torch.randint(model.config.vocab_size, (2, 5))
+    ck = bench_e2e.cache_kwarg(model)
+    with torch.inference_mode():
+        dec = bench_e2e.StaticDecoder(model, ids, new=3)
+        cache = DynamicCache()
+        tok = model(ids, use_cache=True, **{ck: cache}).logits[:, -1:].argmax(-1)
+        assert torch.equal(tok, dec.tok)
+        for _ in range(2):
+            want = model(tok, use_cache=True, **{ck: cache}).logits
+            got = dec.step()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            dec.advance(got)
+            tok = want[:, -1:].argmax(-1)
+        dec.rewind()  # rewinding replays the first step exactly
+        first = dec.step()
+        assert int(dec.pos) == 5 and first.shape == (2, 1, model.config.vocab_size)
+
+
+def test_cslt_module_reports_why_it_cannot_run():
+    if torch.cuda.is_available():
+        pytest.skip("cuSPARSELt may run here")
+    with pytest.raises(bench_e2e.Unavailable, match="GPU"):
+        bench_e2e.Cslt24Linear(torch.nn.Linear(16, 8))
