@@ -116,11 +116,12 @@ def cached_plans() -> list[dict]:
     return list(_C.cached_plans()) if _C is not None else []
 
 
-def clear_plans() -> None:
-    """Destroy all plans and searched choices (captured CUDA graphs keep working: they hold the kernels)."""
+def clear_plans(keep_searched: bool = False) -> None:
+    """Destroy all plans, and the searched choices unless ``keep_searched`` (captured CUDA graphs
+    keep working: they hold the launched kernels, not the plans)."""
     _plans.clear()
     if _C is not None:
-        _C.clear_plans()
+        _C.clear_plans(keep_searched)
 
 
 def _require():
@@ -196,6 +197,9 @@ def compress(values: torch.Tensor, meta: torch.Tensor) -> CompressedCore:
 
 # plan key -> plan info; mirrors the C++ cache so a call costs one dict lookup here
 _plans: dict[tuple, dict] = {}
+# Plans are per exact token count and bias address (a few KB of host memory each); past this
+# many they are all dropped and remade from their buckets' searched choices, without searching.
+MAX_PLANS = 4096
 # (device index, stream) -> workspace; grown only when a new plan needs more
 _workspaces: dict[tuple[int, int], torch.Tensor] = {}
 # replaced workspaces stay alive: a captured CUDA graph may still point at them
@@ -290,6 +294,8 @@ def sparse24_mm(
     key = (device.index, x.dtype, n, k, padded, bias_ptr, bool(alpha_ptr))
     info = _plans.get(key)
     if info is None:
+        if len(_plans) >= MAX_PLANS:
+            clear_plans(keep_searched=True)
         info = _first_use(key, x2, core, out, bias_ptr, alpha_ptr, alpha_value, stream)
     ws = _workspace(device, stream, info["workspace"])
     _C.matmul(

@@ -69,7 +69,8 @@ void matmul(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr
 
 std::vector<PlanInfo> cached_plans();
 
-// Destroy all plans and forget searched choices (handles stay: one per device for the process).
-void clear_plans();
+// Destroy all plans, and the searched choices too unless keep_searched (plans are then
+// remade from their bucket's choice without a new search). Handles stay: one per device.
+void clear_plans(bool keep_searched);
 
 }  // namespace armor

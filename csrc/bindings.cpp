@@ -79,5 +79,5 @@ PYBIND11_MODULE(_C, m) {
     for (const auto& i : armor::cached_plans()) out.append(plan_dict(i));
     return out;
   });
-  m.def("clear_plans", &armor::clear_plans);
+  m.def("clear_plans", &armor::clear_plans, py::arg("keep_searched") = false);
 }

@@ -363,10 +363,10 @@ std::vector<PlanInfo> cached_plans() {
   return out;
 }
 
-void clear_plans() {
+void clear_plans(bool keep_searched) {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_plans.clear();
-  g_searched.clear();
+  if (!keep_searched) g_searched.clear();
 }
 
 }  // namespace armor

@@ -21,6 +21,14 @@ from ..dispatch import DECODE_MAX_TOKENS
 from .base import Backend
 
 
+def _version(t: torch.Tensor) -> int:
+    """The in-place version counter; inference tensors have none: compressed once."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 class CudaExtBackend(Backend):
     name = "cuda_ext"
     priority = 30  # above torch_sparse (20) and triton: same library, but searched plans and no per-call setup
@@ -58,8 +66,9 @@ class CudaExtBackend(Backend):
 
     def _core(self, values: torch.Tensor, meta: torch.Tensor) -> cuda_ext.CompressedCore:
         entry = self._cores.get(values)
-        if entry is None or entry[0] != values._version:
-            entry = (values._version, cuda_ext.compress(values, meta))
+        version = _version(values)
+        if entry is None or entry[0] != version:
+            entry = (version, cuda_ext.compress(values, meta))
             self._cores[values] = entry
         return entry[1]
 

@@ -116,6 +116,25 @@ def test_core_shape_rules(values, meta, rule):
     assert (rule in why and why) if rule else why == ""
 
 
+def test_backend_caches_one_compression_per_values_tensor(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cuda_ext, "compress", lambda v, m: calls.append(v) or object())
+    backend = cuda_backend.CudaExtBackend()
+    values, meta = torch.zeros(32, 16, dtype=torch.float16), torch.zeros(32, 4, dtype=torch.uint8)
+    first = backend._core(values, meta)
+    assert backend._core(values, meta) is first and len(calls) == 1
+    values.add_(1)  # an in-place change moves the version counter: compress again
+    assert backend._core(values, meta) is not first and len(calls) == 2
+    other = values.clone()
+    backend._core(other, meta)
+    assert len(calls) == 3 and len(backend._cores) == 2
+    del other, calls[:]  # the cache holds values weakly: the entry goes with the tensor
+    assert len(backend._cores) == 1
+    with torch.inference_mode():
+        frozen = torch.zeros(32, 16, dtype=torch.float16)
+    assert backend._core(frozen, meta) is backend._core(frozen, meta)
+
+
 def test_fake_kernel_shapes_on_meta():
     x = torch.empty(2, 5, 128, dtype=torch.bfloat16, device="meta")
     buf = torch.empty(1000, dtype=torch.uint8, device="meta")
