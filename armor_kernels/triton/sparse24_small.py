@@ -58,14 +58,18 @@ def _epilogue(
         a_off = (first_blk + blk).to(tl.int64)[:, None] * B_OUT * B_OUT + r[:, None] * B_OUT + r[None, :]
         a_ok = (blk[:, None] == blk[None, :]) & row_ok[:, None] & row_ok[None, :]
         a_tile = tl.load(a_ptr + a_off, mask=a_ok, other=0.0).to(tl.float32)
-        out = tl.zeros_like(acc)
-        # per token: y_m = A_tile · z_m (BLOCK_M <= 16 iterations, unrolled)
-        local_m = tl.arange(0, BLOCK_M)
-        for m in tl.static_range(BLOCK_M):
-            sel = local_m[:, None] == m
-            z_m = tl.sum(tl.where(sel, acc, 0.0), axis=0)
-            y_m = tl.sum(a_tile * z_m[None, :], axis=1)
-            out += tl.where(sel, y_m[None, :], 0.0)
+        if BLOCK_M >= 16:
+            # fp32 FMA dot (ieee): no cross-thread reductions, A_tile staged once in shared memory
+            out = tl.dot(acc, tl.trans(a_tile), input_precision="ieee")
+        else:
+            # tl.dot needs 16 rows; per token y_m = A_tile · z_m (<= 8 iterations, unrolled)
+            out = tl.zeros_like(acc)
+            local_m = tl.arange(0, BLOCK_M)
+            for m in tl.static_range(BLOCK_M):
+                sel = local_m[:, None] == m
+                z_m = tl.sum(tl.where(sel, acc, 0.0), axis=0)
+                y_m = tl.sum(a_tile * z_m[None, :], axis=1)
+                out += tl.where(sel, y_m[None, :], 0.0)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         out += bias[None, :]

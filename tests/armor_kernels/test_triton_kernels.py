@@ -136,7 +136,8 @@ def sparse_same_dtype(x, w, a=None, bias=None):
 def test_sparse24_fused_a_every_output_block(b_out):
     # d_in = 36: 9 groups, so the last metadata byte carries a padding nibble
     w = rand_weights(48, 36, b_out, 4)
-    x = torch.randn(3, 36, device=DEVICE)
+    tokens = (1, 3, 17)[valid_block_sizes(48).index(b_out) % 3]
+    x = torch.randn(tokens, 36, device=DEVICE)
     split = 3 if b_out in (1, 16, 48) else 1
     got = tb.sparse24_small(x, w.values, w.meta, a=w.a, bias=w.bias, split_k=split)
     exact = reference.blockdiag_matmul(
@@ -154,6 +155,18 @@ def test_sparse24_dtypes_and_token_counts(dtype, tokens):
     bias64 = None if w.bias is None else w.bias.double()
     exact = reference.sparse24_matmul(x.double(), w.values.double(), w.meta, bias64)
     assert_matches(got, exact, sparse_same_dtype(x, w, None, w.bias), dtype, f"{dtype} tokens={tokens}")
+
+
+@pytest.mark.parametrize("tokens,use_dot", [(1, True), (5, True), (16, False)])
+def test_sparse24_both_inner_products(tokens, use_dot):
+    # CUDA-core and tensor-core main loops, each outside its default token range
+    w = rand_weights(64, 48, 32, 4)
+    x = torch.randn(tokens, 48, device=DEVICE)
+    got = tb.sparse24_small(x, w.values, w.meta, a=w.a, bias=w.bias, use_dot=use_dot)
+    exact = reference.blockdiag_matmul(
+        reference.sparse24_matmul(x.double(), w.values.double(), w.meta), w.a.double(), w.bias.double()
+    )
+    assert_matches(got, exact, sparse_same_dtype(x, w, w.a, w.bias), torch.float32, f"use_dot={use_dot}")
 
 
 def test_sparse24_poisoned_guarded_noncontiguous_and_repeatable():
@@ -205,7 +218,7 @@ def test_decode_layer_every_input_block(b_in):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens", [1, 3, 16])
+@pytest.mark.parametrize("tokens", [1, 3, 16, 17, 64])
 def test_decode_layer_dtypes(dtype, tokens):
     w = rand_weights(64, 48, 32, 12, dtype=dtype)
     x = torch.randn(tokens, 48, device=DEVICE).to(dtype)
