@@ -129,7 +129,7 @@ def target_table(kernel_rows: list[dict], e2e_rows: list[dict], dtype: str = "bf
     out.append((TARGETS[3], _fmt_layers(_best_armor(pre, "speedup_vs_plain24")) or missing))
     mem = {}
     for layer in sorted({r["layer"] for r in k}):
-        wb = {r["provider"]: _f(r["weight_bytes"]) for r in k if r["layer"] == layer and r.get("status") == "ok"}
+        wb = {r["provider"]: _f(r.get("weight_bytes")) for r in k if r["layer"] == layer and r.get("status") == "ok"}
         armor = [v for p, v in wb.items() if p.startswith("armor_")]
         if "dense" in wb and armor:
             mem[layer] = (armor[0] / wb["dense"], "b=" + next(r["block_in"] for r in k if r["layer"] == layer))

@@ -14,7 +14,7 @@ def smoke_rows(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     out = tmp / "e.csv"
     dispatch.reset()
-    argv = ["--smoke", "--prefill", "8", "--decode-batches", "1", "--decode-modes", "eager,static,cuda_graph",
+    argv = ["--smoke", "--prefill", "8", "--decode-batches", "1", "--decode-modes", "eager,cuda_graph",
             "--new-tokens", "2", "--out", str(out), "--scratch", str(tmp)]  # fmt: skip
     assert bench_e2e.main(argv) == 0
     with open(out) as f:
@@ -36,8 +36,8 @@ def test_columns_and_rows(smoke_rows):
     header, rows = smoke_rows
     assert header == bench_e2e.COLUMNS
     dense = [r for r in rows if r["variant"] == "dense"]
-    # weights, prefill, 3 decode modes, disk
-    assert [r["phase"] for r in dense] == ["weights", "prefill", "decode", "decode", "decode", "disk"]
+    # weights, prefill, 2 decode modes, disk
+    assert [r["phase"] for r in dense] == ["weights", "prefill", "decode", "decode", "disk"]
     assert all(r["model"] == "tiny" and r["layers_note"] == "2 of 2" for r in rows)
 
 
@@ -53,7 +53,7 @@ def test_gpu_only_parts_are_unavailable_with_reasons(smoke_rows):
 def test_armor_rows_are_labelled_cpu_reference_and_timed(smoke_rows):
     _, rows = smoke_rows
     timed = [r for r in rows if r["variant"] == "armor" and r["phase"] in ("prefill", "decode") and r["status"] == "ok"]
-    assert len(timed) == 3  # prefill, decode eager, decode static
+    assert len(timed) == 2  # prefill, decode eager
     for r in timed:
         assert r["impl"] == "cpu reference"
         assert _f(r["tokens_per_s"]) > 0
