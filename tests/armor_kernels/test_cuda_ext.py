@@ -267,3 +267,14 @@ def test_gpu_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     _close(out, reference.sparse24_matmul(x.float(), values.float(), meta), dtype)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit code")
+def test_gpu_check_script_says_it_cannot_run(capsys):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "check_cuda_ext.py"
+    main = runpy.run_path(str(script), run_name="check_cuda_ext")["main"]
+    assert main(["--no-build"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().out
