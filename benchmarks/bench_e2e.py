@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk-max-gb", type=float, default=None, help="skip saving models with more weight GiB than this")
     p.add_argument("--scratch", default=None, help="folder for temporary checkpoints (default: system temp)")
     p.add_argument("--device", default=None)
-    p.add_argument("--out", default="bench_e2e.csv")
+    p.add_argument("--out", default="runs/bench_e2e.csv", help="CSV to append to (default runs/bench_e2e.csv)")
     p.add_argument("--smoke", action="store_true", help="tiny model, few tokens: a harness check in seconds")
     return p
 

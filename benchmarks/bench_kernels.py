@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", default="all", help="all | dense,cslt_search,cslt_alg0,armor_<backend>,...")
     p.add_argument("--exclude", default="", help="providers to leave out, comma-separated (e.g. armor_reference)")
     p.add_argument("--block-size", type=int, default=128, help="ARMOR wrapper block size per side (default 128)")
-    p.add_argument("--out", default="bench_kernels.csv", help="CSV to append to")
+    p.add_argument("--out", default="runs/bench_kernels.csv", help="CSV to append to (default runs/bench_kernels.csv)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time per point, ms (GPU)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, few tokens, short timing: a harness check")
