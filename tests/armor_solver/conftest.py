@@ -73,3 +73,9 @@ def solver_model_dir(tmp_path_factory, solver_tokenizer):
     tiny_model("llama").save_pretrained(path)
     solver_tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def solver_make_model():
+    """``solver_make_model(family="llama", ...)`` -> a fresh tiny random model (same seed: same weights)."""
+    return tiny_model

@@ -1,0 +1,162 @@
+import json
+import os
+
+import pytest
+import torch
+
+from armor_solver import calibration, data
+from armor_solver import methods as registry
+from armor_solver import pipeline
+from armor_solver.pipeline import PipelineError, PruneSettings, prune_model
+
+
+
+def settings(method="magnitude", **kw):
+    base = dict(model="tiny", method=method, nsamples=3, seqlen=24, block_size=16, text="t.txt")
+    return PruneSettings(**(base | kw))
+
+
+def calib_ids(n=3, seqlen=24):
+    return torch.randint(0, 256, (n, seqlen), generator=torch.Generator().manual_seed(1))
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _stop_after_block_0(i):
+    if i == 0:
+        raise Interrupt
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])  # dense and sequential propagation
+def test_resume_skips_finished_blocks_and_matches_uninterrupted(tmp_path, monkeypatch, method, solver_make_model):
+    ids = calib_ids()
+    reference = prune_model(solver_make_model(), None, settings(method), calib_ids=ids, save=False, log=lambda s: None)
+
+    out = str(tmp_path / "out")
+    with pytest.raises(Interrupt):
+        prune_model(solver_make_model(), None, settings(method), out_dir=out, calib_ids=ids, save=False,
+                    on_block_done=_stop_after_block_0, log=lambda s: None)
+    progress = json.load(open(os.path.join(out, pipeline.PARTIAL, pipeline.PROGRESS)))
+    assert progress["done_blocks"] == [0]
+
+    calls = []
+    real_get = registry.get
+
+    def counting_get(name):
+        fn = real_get(name)
+        return lambda w, s, cfg: calls.append(tuple(w.shape)) or fn(w, s, cfg)
+
+    monkeypatch.setattr(registry, "get", counting_get)
+    resumed = prune_model(solver_make_model(), None, settings(method), out_dir=out, calib_ids=ids, save=False,
+                          log=lambda s: None)
+    assert len(calls) == 7  # only block 1's seven projections were pruned again
+    assert set(resumed.weights) == set(reference.weights)
+    for name, w in reference.weights.items():
+        for key, t in w.tensors().items():
+            assert torch.equal(t, resumed.weights[name].tensors()[key]), (name, key)
+    assert resumed.layers == reference.layers or all(
+        resumed.layers[n]["proxy_loss"] == pytest.approx(reference.layers[n]["proxy_loss"]) for n in reference.layers
+    )
+
+
+def test_different_run_in_same_out_is_refused_before_work(tmp_path, monkeypatch, solver_make_model):
+    out = str(tmp_path / "out")
+    with pytest.raises(Interrupt):
+        prune_model(solver_make_model(), None, settings(), out_dir=out, calib_ids=calib_ids(), save=False,
+                    on_block_done=_stop_after_block_0, log=lambda s: None)
+    before = sorted(os.listdir(os.path.join(out, pipeline.PARTIAL)))
+    monkeypatch.setattr(calibration, "LayerwiseRunner", None)  # any calibration work would crash
+    with pytest.raises(PipelineError, match=r"different run.*nsamples: 3 there, 4 now"):
+        prune_model(solver_make_model(), None, settings(nsamples=4), out_dir=out, calib_ids=calib_ids(4), save=False)
+    assert sorted(os.listdir(os.path.join(out, pipeline.PARTIAL))) == before
+
+
+def test_foreign_out_dir_is_refused(tmp_path, solver_make_model):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(PipelineError, match="already holds files"):
+        prune_model(solver_make_model(), None, settings(), out_dir=str(tmp_path), calib_ids=calib_ids(), save=False)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_no_matching_linears(tmp_path, solver_make_model):
+    with pytest.raises(PipelineError, match="no linear layer matches"):
+        prune_model(solver_make_model(), None, settings(targets=["nothing_proj"]), calib_ids=calib_ids(), save=False)
+
+
+def test_targets_and_ignore_select_layers(solver_make_model):
+    model = solver_make_model()
+    found = calibration.find_targets(model, None, ["*.mlp.*"])
+    names = [n for block in found.values() for n in block]
+    assert len(names) == 8 and all("self_attn" in n for n in names)
+    assert "lm_head" not in {n.rsplit(".", 1)[-1] for n in names}
+
+
+def test_no_valid_block_size(monkeypatch, solver_make_model):
+    with pytest.raises(PipelineError, match="block-size 2"):
+        prune_model(solver_make_model(), None, settings(block_size=2), calib_ids=calib_ids(), save=False)
+    # an input width that is not a multiple of 4 has no 2:4 layout at all
+    model = solver_make_model()
+    model.model.layers[0].self_attn.o_proj = torch.nn.Linear(66, 64, bias=False)
+    with pytest.raises(PipelineError, match=r"o_proj \[64x66\]: no valid block size"):
+        prune_model(model, None, settings(), calib_ids=calib_ids(), save=False)
+
+
+def test_nan_weights_refused_before_work(solver_make_model):
+    model = solver_make_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    with pytest.raises(PipelineError, match=r"layers\.1\.mlp\.up_proj\.weight contains NaN or Inf"):
+        prune_model(model, None, settings(), calib_ids=calib_ids(), save=False)
+
+
+def test_nan_statistics_stop_and_keep_finished_blocks(tmp_path, solver_make_model):
+    model = solver_make_model()
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight.fill_(float("inf"))  # poisons block 1's MLP inputs
+    out = str(tmp_path / "out")
+    with pytest.raises(calibration.CalibrationError, match=r"layers\.1\.mlp\.gate_proj.*NaN or Inf"):
+        prune_model(model, None, settings(), out_dir=out, calib_ids=calib_ids(), save=False, log=lambda s: None)
+    progress = json.load(open(os.path.join(out, pipeline.PARTIAL, pipeline.PROGRESS)))
+    assert progress["done_blocks"] == [0]
+    assert os.path.isfile(os.path.join(out, pipeline.PARTIAL, "block_0000.safetensors"))
+
+
+def test_seqlen_above_max_positions(solver_make_model):
+    with pytest.raises(PipelineError, match="max_position_embeddings = 128"):
+        prune_model(solver_make_model(), None, settings(seqlen=256), calib_ids=calib_ids(3, 256), save=False)
+
+
+def test_too_short_corpus_before_any_output(tmp_path, solver_tokenizer, solver_make_model):
+    text = tmp_path / "short.txt"
+    text.write_text("only a few words here")
+    out = tmp_path / "out"
+    with pytest.raises(data.CorpusError, match="tokens"):
+        prune_model(solver_make_model(), solver_tokenizer, settings(text=str(text)), out_dir=str(out), save=False)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_dense_and_sequential_statistics(family, monkeypatch, solver_make_model):
+    """Dense mode sees the dense model's inputs everywhere; sequential mode sees block 0's pruned outputs."""
+    ids = calib_ids()
+    dense = calibration.collect_dense_stats(solver_make_model(family), ids)
+    seen = {}
+    real = calibration.check_finite_stats
+
+    def spy(name, s):
+        seen[name] = s.h.clone()
+        real(name, s)
+
+    monkeypatch.setattr(calibration, "check_finite_stats", spy)
+    runs = {}
+    for method in ("magnitude", "wanda"):
+        seen.clear()
+        prune_model(solver_make_model(family), None, settings(method), calib_ids=ids, save=False, log=lambda s: None)
+        runs[method] = dict(seen)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"):
+        torch.testing.assert_close(runs["magnitude"][name], dense[name].h)
+    torch.testing.assert_close(runs["wanda"]["model.layers.0.self_attn.q_proj"], dense["model.layers.0.self_attn.q_proj"].h)
+    diff = (runs["wanda"]["model.layers.1.self_attn.q_proj"] - dense["model.layers.1.self_attn.q_proj"].h).abs().max()
+    assert float(diff) > 1e-4  # block 1 saw the pruned block 0
