@@ -34,9 +34,9 @@ from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
-CPP_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/cusparselt_gemm.cpp"]
+CPP_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/cusparselt_gemm.cpp", f"{CSRC}/expand24_host.cpp"]
 CU_SOURCES = [f"{CSRC}/expand24.cu"]
-HEADERS = [f"{CSRC}/armor_cuda.h"]
+HEADERS = [f"{CSRC}/armor_cuda.h", f"{CSRC}/expand24.h"]
 DEFAULT_ARCHS = "80;90a"
 LT_LIB = "libcusparseLt.so.0"  # the wheels ship no unversioned .so
 # where the nvidia wheels put cuSPARSELt, relative to a site-packages folder (cu13 first: 0.10 ships a cusparse stub)

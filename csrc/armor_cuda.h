@@ -26,6 +26,9 @@ struct Error : std::runtime_error {
 int launch_expand24(const void* values, const uint8_t* meta, void* dense, int64_t rows, int64_t cols,
                     void* stream);
 
+// The same expansion on the host (CPU addresses), to check the kernel's indexing without a GPU.
+void expand24_host(const void* values, const uint8_t* meta, void* dense, int64_t rows, int64_t cols);
+
 // One cached matmul plan: zᵀ[n, tokens] = S[n, k] · xᵀ[k, tokens] (+ bias[n]).
 struct PlanInfo {
   int device = 0;

@@ -74,6 +74,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul", &armor::matmul, py::arg("device"), py::arg("dtype"), py::arg("n"), py::arg("k"), py::arg("tokens"),
         py::arg("bias"), py::arg("x"), py::arg("compressed"), py::arg("out"), py::arg("alpha_ptr"), py::arg("alpha"),
         py::arg("workspace"), py::arg("workspace_size"), py::arg("stream"));
+  m.def(
+      "expand24_host",
+      [](uintptr_t values, uintptr_t meta, uintptr_t dense, int64_t rows, int64_t cols) {
+        armor::expand24_host(reinterpret_cast<const void*>(values), reinterpret_cast<const uint8_t*>(meta),
+                             reinterpret_cast<void*>(dense), rows, cols);
+      },
+      py::arg("values"), py::arg("meta"), py::arg("dense"), py::arg("rows"), py::arg("cols"));
   m.def("cached_plans", [] {
     py::list out;
     for (const auto& i : armor::cached_plans()) out.append(plan_dict(i));

@@ -9,23 +9,16 @@
 #include <cstdint>
 
 #include "armor_cuda.h"
+#include "expand24.h"
 
 namespace {
 
 // One thread per group of 4 columns: a 4-byte load of the 2 kept values, an 8-byte store.
 __global__ void expand24_kernel(const uint32_t* __restrict__ values, const uint8_t* __restrict__ meta,
-                                uint2* __restrict__ dense, int64_t rows, int64_t groups, int64_t meta_cols) {
+                                uint64_t* __restrict__ dense, int64_t rows, int64_t groups, int64_t meta_cols) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * groups; i += stride) {
-    const int64_t row = i / groups;
-    const int64_t g = i - row * groups;
-    const uint32_t nibble = (meta[row * meta_cols + (g >> 1)] >> ((g & 1) * 4)) & 0xF;
-    const uint32_t i0 = nibble & 3, i1 = nibble >> 2;
-    const uint32_t pair = values[i];  // group g of row `row`: values[row, 2g .. 2g+1]
-    uint16_t out[4] = {0, 0, 0, 0};
-    out[i0] = uint16_t(pair & 0xFFFF);  // little endian: the lower column's value
-    out[i1] = uint16_t(pair >> 16);
-    dense[i] = make_uint2(uint32_t(out[0]) | (uint32_t(out[1]) << 16), uint32_t(out[2]) | (uint32_t(out[3]) << 16));
+    dense[i] = armor::expand24_group(values, meta, i, groups, meta_cols);
   }
 }
 
@@ -42,7 +35,7 @@ int launch_expand24(const void* values, const uint8_t* meta, void* dense, int64_
   const int64_t blocks = (total + threads - 1) / threads;
   const int grid = int(blocks < 65535 ? blocks : 65535);
   expand24_kernel<<<grid, threads, 0, static_cast<cudaStream_t>(stream)>>>(
-      static_cast<const uint32_t*>(values), meta, static_cast<uint2*>(dense), rows, groups, (groups + 1) / 2);
+      static_cast<const uint32_t*>(values), meta, static_cast<uint64_t*>(dense), rows, groups, (groups + 1) / 2);
   return int(cudaGetLastError());
 }
 

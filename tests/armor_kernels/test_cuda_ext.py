@@ -188,6 +188,23 @@ def test_extension_errors_name_the_call_and_shape():
     assert set(cuda_ext.versions()) == {"cusparselt_compiled", "cusparselt_loaded", "cudart_compiled", "cudart_loaded"}
 
 
+@pytest.mark.skipif(cuda_ext._C is None, reason=f"extension not loaded: {cuda_ext.IMPORT_ERROR}")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cols", [32, 20])  # 20: an odd group count, the last meta byte half padding
+def test_expansion_indexing_matches_decompress_bit_for_bit(dtype, cols):
+    # the CUDA kernel's group function, run by a host loop: same indexing, checked without a GPU
+    core = torch.randn(7, cols).to(dtype)
+    mask = sparse24.topk_mask(torch.rand(7, cols))
+    core[0, :4] = torch.tensor([-0.0, 0.0, 1.0, 2.0])  # kept signed zero must survive
+    mask[0, :4] = torch.tensor([True, False, False, True])
+    values, meta = sparse24.compress(core, mask)
+    dense = torch.full((7, cols), float("nan"), dtype=dtype)
+    cuda_ext._C.expand24_host(values.data_ptr(), meta.data_ptr(), dense.data_ptr(), 7, cols)
+    assert torch.equal(dense.view(torch.int16), sparse24.decompress(values, meta).view(torch.int16))
+    with pytest.raises(cuda_ext._C.CudaExtError, match="multiple of 4"):
+        cuda_ext._C.expand24_host(values.data_ptr(), meta.data_ptr(), dense.data_ptr(), 7, 30)
+
+
 # ---- GPU: against the reference -------------------------------------------------------------
 
 
