@@ -452,7 +452,7 @@ def run_model(name: str, args, device, env: dict, out: common.CsvOut) -> list[di
                     if "disk_bytes" in row:
                         row["bytes_vs_dense"] = row["disk_bytes"] / ref["disk_bytes"]
                 write(row)
-            if variant != "dense":
+            if variant != "dense" and variant != args.variants[-1]:  # the next variant starts from dense
                 for lin in dense_layers.values():
                     lin.to(device)
                 apply_variant(model, "dense", args.block_size, dense_layers)
@@ -463,15 +463,15 @@ def run_model(name: str, args, device, env: dict, out: common.CsvOut) -> list[di
 
 
 def plan(args, device) -> list[dict]:
-    """The measurement points of one variant, in order: prefill, decode, disk."""
+    """The measurement points of one variant, in order: decode, prefill, disk."""
     pts = []
-    for t in args.prefill:
-        pts.append({"key": {"phase": "prefill", "tokens": t, "batch": 1},
-                    "fn": lambda m, t=t: measure_prefill(m, t, device, args.reps)})  # fmt: skip
     for bsz in args.decode_batches:
         for mode in args.decode_modes:
             key = {"phase": "decode", "tokens": args.prompt, "batch": bsz, "new_tokens": args.new_tokens, "decode_mode": mode}
             pts.append({"key": key, "fn": lambda m, bsz=bsz, mode=mode: decode(m, bsz, mode, args, device)})
+    for t in args.prefill:
+        pts.append({"key": {"phase": "prefill", "tokens": t, "batch": 1},
+                    "fn": lambda m, t=t: measure_prefill(m, t, device, args.reps)})  # fmt: skip
     if args.disk:
         pts.append({"key": {"phase": "disk"}, "fn": lambda m: disk(m, args)})
     return pts

@@ -56,9 +56,12 @@ step() {
     echo "=== $name: rc=$rc ($status) in $((SECONDS - t0))s" | tee -a "$LOG"
 }
 
-# run the script if it exists, else say so and fail the step
+# run benchmarks/NAME.py as a module if it exists, else say so and fail the step
 maybe() {
-    if [ -f "$1" ]; then "$PY" "$@"; else echo "$1 does not exist in this checkout"; return 3; fi
+    local name=$1
+    shift
+    if [ -f "benchmarks/$name.py" ]; then "$PY" -m "benchmarks.$name" "$@"
+    else echo "benchmarks/$name.py does not exist in this checkout"; return 3; fi
 }
 
 env_info() {
@@ -95,7 +98,9 @@ kernels_fp16() {
     "$PY" -m benchmarks.bench_kernels --out "$OUT/kernels.csv" --dtypes fp16 --tokens 1,16,2048 --rep-ms 40 \
         --providers "$K_PROVIDERS" --exclude armor_reference --shapes llama3-8b:gate,llama3-8b:down
 }
-E2E_ARGS="--prefill 512,2048 --decode-batches 1,16 --decode-modes cuda_graph,eager --prompt 64 --new-tokens 32 --reps 3"
+# ARMOR right after dense: the comparison the targets need comes before plain 2:4
+E2E_ARGS="--variants dense,armor,plain24 --prefill 512,2048 --decode-batches 1,16 --decode-modes cuda_graph,eager
+          --prompt 64 --new-tokens 32 --reps 3"
 e2e_llama() {
     if [ -n "${SUITE_SMOKE:-}" ]; then
         "$PY" -m benchmarks.bench_e2e --smoke --out "$OUT/e2e.csv" --scratch "$SCRATCH"; return
@@ -132,8 +137,8 @@ export -f maybe env_info build kernels_bf16 kernels_fp16 e2e_llama e2e_smol plot
 step env          30 env_info
 cp "$LOG" "$OUT/env.txt"
 step build       120 build
-step check_triton 40 maybe benchmarks/check_triton_gpu.py
-step check_cuda   30 maybe benchmarks/check_cuda_ext.py
+step check_triton 45 maybe check_triton_gpu --quick
+step check_cuda   30 maybe check_cuda_ext
 step kernels_bf16 120 kernels_bf16
 step e2e_llama   100 e2e_llama
 step pytest_gpu   45 "$PY" -m pytest -m gpu -q -p no:cacheprovider

@@ -36,8 +36,8 @@ def test_columns_and_rows(smoke_rows):
     header, rows = smoke_rows
     assert header == bench_e2e.COLUMNS
     dense = [r for r in rows if r["variant"] == "dense"]
-    # weights, prefill, 2 decode modes, disk
-    assert [r["phase"] for r in dense] == ["weights", "prefill", "decode", "decode", "disk"]
+    # weights, 2 decode modes, prefill, disk
+    assert [r["phase"] for r in dense] == ["weights", "decode", "decode", "prefill", "disk"]
     assert all(r["model"] == "tiny" and r["layers_note"] == "2 of 2" for r in rows)
 
 
