@@ -181,14 +181,27 @@ def _read_headers(files: list[str]) -> dict[str, tuple[str, list[int], str]]:
     return out
 
 
+def _expected_file(key: str, files: list[str]) -> str:
+    """The shard the index assigns ``key`` to, else the folder (for error messages)."""
+    folder = os.path.dirname(files[0]) if files else "."
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        import json
+
+        with open(index) as f:
+            shard = json.load(f).get("weight_map", {}).get(key)
+        if shard:
+            return os.path.join(folder, shard)
+        return index
+    return files[0] if len(files) == 1 else folder
+
+
 def _check_layer_tensors(name: str, layer: ArmorLinear, headers: dict, files: list[str]) -> None:
     expected = {f"{name}.{k}": tuple(t.shape) for k, t in layer.named_buffers() if t is not None}
     for key, shape in expected.items():
         if key not in headers:
-            shown = ", ".join(os.path.basename(f) for f in files) or "no files"
-            folder = os.path.dirname(files[0]) if files else "."
             raise ArmorCheckpointError(
-                f"{folder}: tensor {key} is missing from the checkpoint (searched {shown}); "
+                f"{_expected_file(key, files)}: tensor {key} is missing from the checkpoint; "
                 f"an ARMOR layer needs {', '.join(k.rsplit('.', 1)[1] for k in expected)}"
             )
         path, got, dt = headers[key]
