@@ -266,10 +266,11 @@ class TritonBackend(Backend):
     ops = OPS
 
     def rank(self, device_type: str, regime: str) -> int:
-        """Selection order: first for decode on GPU; below the reference on CPU (interpreter)."""
+        """Selection order: first for decode on GPU; below the CUDA extension (30) for
+        more tokens; below the reference on CPU (the interpreter is for tests)."""
         if device_type != "cuda":
             return -10
-        return 60 if regime == "decode" else self.priority
+        return 60 if regime == "decode" else 25
 
     def is_available(self) -> tuple[bool, str]:
         if IMPORT_ERROR:

@@ -163,3 +163,17 @@ def test_armor_env_prints_versions_backends_plan_and_choices(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["reference"]["available"] is True
     assert info["plan"]["by_dtype"]["float16"]["prefill"]["armor_linear"]
+
+
+def test_gpu_regime_order_small_batch_kernel_first_extension_for_more_tokens():
+    table = dispatch._load()
+    if "triton" not in table:
+        pytest.skip("triton backend not loaded")
+    triton = table["triton"]
+    assert dispatch.rank(triton, "cuda", "decode") > dispatch.rank(table["reference"], "cuda", "decode")
+    for other in ("cuda_ext", "torch_sparse"):
+        if other in table:
+            assert dispatch.rank(triton, "cuda", "decode") > dispatch.rank(table[other], "cuda", "decode")
+    if "cuda_ext" in table:
+        for regime in ("medium", "prefill"):
+            assert dispatch.rank(table["cuda_ext"], "cuda", regime) > dispatch.rank(triton, "cuda", regime)
