@@ -240,17 +240,22 @@ def sparse24_small(
     return y if out is not None else y.reshape(*x.shape[:-1], d_out)
 
 
-def decode_layer(x, a, values, meta, b, bias=None) -> torch.Tensor:
+def decode_layer(x, a, values, meta, b, bias=None, out=None) -> torch.Tensor:
     """The whole ARMOR layer for <= 16 tokens: B-wrapper (fp32 out), then 2:4 + A + bias.
 
     2 launches when A's blocks fit the epilogue, else 3 (A as a separate wrapper).
-    The intermediates stay fp32, like the reference.
+    The intermediates stay fp32, like the reference; they are the only
+    allocations besides the output (``T·d_in·4`` bytes: 16 KB for 1 token of 4096).
+    ``out``: optional ``[tokens, d_out]`` destination (any strides).
     """
     h = blockdiag(x, b, out_dtype=torch.float32)
+    h = h.reshape(-1, h.shape[-1])
     if fusable(a):
-        return sparse24_small(h, values, meta, a=a, bias=bias, out_dtype=x.dtype)
-    z = sparse24_small(h, values, meta, out_dtype=torch.float32)
-    return blockdiag(z, a, bias, out_dtype=x.dtype)
+        y = sparse24_small(h, values, meta, a=a, bias=bias, out=out, out_dtype=x.dtype)
+    else:
+        z = sparse24_small(h, values, meta, out_dtype=torch.float32)
+        y = blockdiag(z, a, bias, out=out, out_dtype=x.dtype)
+    return y if out is not None else y.reshape(*x.shape[:-1], values.shape[0])
 
 
 # name -> launcher, for benchmarks that time each kernel directly

@@ -94,7 +94,9 @@ def test_blockdiag_dtypes_and_token_counts(dtype, tokens):
     x = torch.randn(tokens, 48, device=DEVICE).to(dtype)
     blocks = (torch.randn(48 // bs, bs, bs, device=DEVICE) / bs**0.5).to(dtype)
     bias = torch.randn(48, device=DEVICE).to(dtype) if tokens > 1 else None
-    got = tb.blockdiag(x, blocks, bias)
+    got, big = poisoned_view(tokens, 48, dtype)
+    tb.blockdiag(x, blocks, bias, out=got)
+    assert_margins_untouched(big, tokens, 48)
     exact = reference.blockdiag_matmul(x.double(), blocks.double(), None if bias is None else bias.double())
     assert_matches(got, exact, blockdiag_same_dtype(x, blocks, bias), dtype, f"{dtype} tokens={tokens}")
 
@@ -151,7 +153,9 @@ def test_sparse24_fused_a_every_output_block(b_out):
 def test_sparse24_dtypes_and_token_counts(dtype, tokens):
     w = rand_weights(48, 40, 48, 4, dtype=dtype, bias=tokens != 3)
     x = torch.randn(tokens, 40, device=DEVICE).to(dtype)
-    got = tb.sparse24_small(x, w.values, w.meta, bias=w.bias, split_k=2 if tokens in (3, 64) else 1)
+    got, big = poisoned_view(tokens, 48, dtype)
+    tb.sparse24_small(x, w.values, w.meta, bias=w.bias, out=got, split_k=2 if tokens in (3, 64) else 1)
+    assert_margins_untouched(big, tokens, 48)
     bias64 = None if w.bias is None else w.bias.double()
     exact = reference.sparse24_matmul(x.double(), w.values.double(), w.meta, bias64)
     assert_matches(got, exact, sparse_same_dtype(x, w, None, w.bias), dtype, f"{dtype} tokens={tokens}")
@@ -222,7 +226,9 @@ def test_decode_layer_every_input_block(b_in):
 def test_decode_layer_dtypes(dtype, tokens):
     w = rand_weights(64, 48, 32, 12, dtype=dtype)
     x = torch.randn(tokens, 48, device=DEVICE).to(dtype)
-    got = tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias)
+    got, big = poisoned_view(tokens, 64, dtype)
+    tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias, out=got)
+    assert_margins_untouched(big, tokens, 64)
     assert_matches(got, layer_exact(x, w), layer_same_dtype(x, w), dtype, f"{dtype} tokens={tokens}")
 
 
@@ -232,7 +238,9 @@ def test_decode_layer_unfused_output_wrapper(monkeypatch):
     w = rand_weights(32, 32, 16, 8)
     assert not tb.fusable(w.a)
     x = torch.randn(2, 32, device=DEVICE)
-    got = tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias)
+    got, big = poisoned_view(2, 32, torch.float32)
+    tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias, out=got)
+    assert_margins_untouched(big, 2, 32)
     assert_matches(got, layer_exact(x, w), layer_same_dtype(x, w), torch.float32, "unfused A")
 
 
