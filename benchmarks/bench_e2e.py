@@ -52,12 +52,14 @@ COLUMNS = common.ENV_COLUMNS + [
 
 # name -> LlamaConfig fields (hidden, MLP, layers, heads, KV heads, vocab, tied embeddings)
 CONFIGS = {
-    "llama3-8b-shaped": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                             num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
-    "smollm2-135m-shaped": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                                num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
+    "llama3-8b-shaped": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                         "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+                         "rope_theta": 500000.0, "tie_word_embeddings": False},
+    "smollm2-135m-shaped": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                            "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                            "rope_theta": 100000.0, "tie_word_embeddings": True},
+    "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": False},
 }  # fmt: skip
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = ("dense", "plain24", "armor")
@@ -188,7 +190,9 @@ def apply_variant(model, variant: str, block: int, dense_layers: dict[str, nn.Li
         }
         report = convert_model(model, weights)
         if report.skipped:
-            raise Unavailable(f"convert_model skipped {len(report.skipped)} layers, e.g. {next(iter(report.skipped.items()))}")
+            raise Unavailable(
+                f"convert_model skipped {len(report.skipped)} layers, e.g. {next(iter(report.skipped.items()))}"
+            )
         return "ArmorLinear (random factors, valid 2:4 core)"
     raise ValueError(f"--variants: unknown {variant!r}; known: {VARIANTS}")
 
@@ -410,7 +414,7 @@ def run_model(name: str, args, device, env: dict, out: common.CsvOut) -> list[di
     base.update(source=source, n_layers=n_layers, layers_note=note)
     dense_layers = target_linears(model)
     dense_ref: dict[tuple, dict] = {}
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: dense layers are moved off and back between variants
         for variant in args.variants:
             vbase = dict(base, variant=variant)
             try:
@@ -467,7 +471,13 @@ def plan(args, device) -> list[dict]:
     pts = []
     for bsz in args.decode_batches:
         for mode in args.decode_modes:
-            key = {"phase": "decode", "tokens": args.prompt, "batch": bsz, "new_tokens": args.new_tokens, "decode_mode": mode}
+            key = {
+                "phase": "decode",
+                "tokens": args.prompt,
+                "batch": bsz,
+                "new_tokens": args.new_tokens,
+                "decode_mode": mode,
+            }
             pts.append({"key": key, "fn": lambda m, bsz=bsz, mode=mode: decode(m, bsz, mode, args, device)})
     for t in args.prefill:
         pts.append({"key": {"phase": "prefill", "tokens": t, "batch": 1},
@@ -493,7 +503,9 @@ def disk(model, args) -> dict:
     variant = _current_variant(model)
     wb = model_bytes(model)
     if args.disk_max_gb is not None and wb > args.disk_max_gb * 2**30:
-        raise Unavailable(f"not saved: {wb / 2**30:.1f} GiB of weights is above --disk-max-gb {args.disk_max_gb} (time box)")
+        raise Unavailable(
+            f"not saved: {wb / 2**30:.1f} GiB of weights is above --disk-max-gb {args.disk_max_gb} (time box)"
+        )
     return measure_disk(model, variant, args.scratch)
 
 

@@ -65,7 +65,10 @@ def cslt_status() -> tuple[bool, str]:
     if not (hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()):
         return False, "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
     if torch.cuda.get_device_capability() < (8, 0):
-        return False, f"2:4 sparse tensor cores need sm_80+, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}"
+        return (
+            False,
+            f"2:4 sparse tensor cores need sm_80+, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}",
+        )
     return True, ""
 
 
@@ -177,9 +180,17 @@ def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], 
     for prov in providers:
         row = dict(base, tokens=tokens, provider=prov, status="ok", reason="", note="")
         try:
-            if device.type == "cpu" and prov.startswith("armor_") and prov != "armor_reference" and prov not in explicit:
-                check_armor_backend(prov[len("armor_"):], x, w, prepare=False)  # unavailable beats skipped
-                row.update(status="skipped", reason="on CPU only the reference path is timed (name it in --providers to time it)")
+            if (
+                device.type == "cpu"
+                and prov.startswith("armor_")
+                and prov != "armor_reference"
+                and prov not in explicit
+            ):
+                check_armor_backend(prov[len("armor_") :], x, w, prepare=False)  # unavailable beats skipped
+                row.update(
+                    status="skipped",
+                    reason="on CPU only the reference path is timed (name it in --providers to time it)",
+                )
                 rows.append(row)
                 continue
             if prov == "dense":
@@ -193,7 +204,7 @@ def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], 
             elif prov.startswith("armor_"):
                 from armor_kernels import armor_linear, reference
 
-                name = prov[len("armor_"):]
+                name = prov[len("armor_") :]
                 check_armor_backend(name, x, w)
                 if device.type == "cpu" and name == "reference":
                     row["note"] = "cpu reference"
@@ -202,7 +213,9 @@ def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], 
                 ref = reference.armor_linear(x.float(), w.a.float(), w.values.float(), w.meta, w.b.float())
                 with forced_backend(name):
                     y = armor_linear(x, w.a, w.values, w.meta, w.b, None)
-                    ms, timer = common.bench(lambda: armor_linear(x, w.a, w.values, w.meta, w.b, None), device, args.smoke, args.rep_ms)
+                    ms, timer = common.bench(
+                        lambda: armor_linear(x, w.a, w.values, w.meta, w.b, None), device, args.smoke, args.rep_ms
+                    )
                 fn = None
             else:
                 raise Unavailable(f"unknown provider {prov!r}")
@@ -253,7 +266,9 @@ def add_speedups(rows: list[dict]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bench_kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default=None, help="all | model | model:layer | NxK, comma-separated (default all; smoke: tiny)")
+    p.add_argument(
+        "--shapes", default=None, help="all | model | model:layer | NxK, comma-separated (default all; smoke: tiny)"
+    )
     p.add_argument("--tokens", default=None, help=f"token counts (default {','.join(map(str, TOKENS))})")
     p.add_argument("--dtypes", default=None, help="bf16,fp16 (default both; smoke: bf16)")
     p.add_argument("--providers", default="all", help="all | dense,cslt_search,cslt_alg0,armor_<backend>,...")
@@ -318,10 +333,16 @@ def summary_line(rows: list[dict]) -> str:
     for r in rows:
         if r["status"] in ("ok", "wrong_result"):
             sp = r.get("speedup_vs_dense")
-            parts.append(f"{r['provider']} {r['median_ms']:.4g}ms" + (f" x{sp:.2f}" if sp else "") + ("" if r["status"] == "ok" else " WRONG"))
+            parts.append(
+                f"{r['provider']} {r['median_ms']:.4g}ms"
+                + (f" x{sp:.2f}" if sp else "")
+                + ("" if r["status"] == "ok" else " WRONG")
+            )
         else:
             parts.append(f"{r['provider']} {r['status']}")
-    return f"{r0['model']} {r0['layer']} {r0['d_out']}x{r0['d_in']} {r0['dtype']} M={r0['tokens']}: " + " | ".join(parts)
+    return f"{r0['model']} {r0['layer']} {r0['d_out']}x{r0['d_in']} {r0['dtype']} M={r0['tokens']}: " + " | ".join(
+        parts
+    )
 
 
 if __name__ == "__main__":

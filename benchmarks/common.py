@@ -172,25 +172,28 @@ class Roofline:
         return max(compute, memory) * 1e3
 
 
+def _copy_gbps(device: torch.device, n_bytes: int, smoke: bool) -> float:
+    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms, _ = bench(lambda: dst.copy_(src), device, smoke)
+    return 2 * n_bytes / (ms * 1e-3) / 1e9  # read + write
+
+
+def _matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, smoke: bool) -> float:
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    ms, _ = bench(lambda: a @ b, device, smoke)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
 def measure_roofline(device: torch.device, dtypes: list[str], smoke: bool = False) -> Roofline:
     """Copy bandwidth of a large tensor (1 GiB on GPU) and a large square matmul per dtype
     (8192^3 on GPU), measured once per run."""
     big = device.type == "cuda" and not smoke
-    n_bytes = (1 << 30) if big else (16 << 20)
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    ms, _ = bench(lambda: dst.copy_(src), device, smoke)
-    gbps = 2 * n_bytes / (ms * 1e-3) / 1e9  # read + write
-    del src, dst
-    tflops = {}
-    n = 8192 if big else 256
-    for name in dtypes:
-        dt = DTYPES[name]
-        a = torch.randn(n, n, device=device).to(dt)
-        b = torch.randn(n, n, device=device).to(dt)
-        ms, _ = bench(lambda: a @ b, device, smoke)
-        tflops[name] = 2 * n**3 / (ms * 1e-3) / 1e12
-        del a, b
+    n_bytes = (1 << 30) if big else (4 << 20)
+    n = 8192 if big else 128
+    gbps = _copy_gbps(device, n_bytes, smoke)
+    tflops = {name: _matmul_tflops(device, n, DTYPES[name], smoke) for name in dtypes}
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return Roofline(tflops, gbps, f"copy {n_bytes >> 20} MiB, matmul {n}^3")
@@ -201,7 +204,9 @@ def measure_roofline(device: torch.device, dtypes: list[str], smoke: bool = Fals
 
 def _run(cmd: list[str], timeout: float = 10) -> str:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO).stdout.strip()
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -225,7 +230,7 @@ def gpu_clocks() -> str:
             f"sm={pynvml.nvmlDeviceGetClockInfo(h, c[0])}MHz mem={pynvml.nvmlDeviceGetClockInfo(h, c[1])}MHz "
             f"max_sm={pynvml.nvmlDeviceGetMaxClockInfo(h, c[0])}MHz"
         )
-    except Exception:  # noqa: BLE001 - pynvml missing or unusable: try nvidia-smi
+    except Exception:  # noqa: BLE001, S110 - pynvml missing or unusable: try nvidia-smi
         pass
     if shutil.which("nvidia-smi"):
         out = _run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,clocks.max.sm", "--format=csv,noheader,nounits"])
@@ -235,7 +240,7 @@ def gpu_clocks() -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def env_info(device_type: str) -> dict[str, str]:
     """The columns every result row carries: what ran where, with which versions."""
     try:

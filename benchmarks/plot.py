@@ -100,9 +100,9 @@ def _best_armor(rows: list[dict], col: str) -> dict[str, tuple[float, str]]:
     best: dict[str, tuple[float, str]] = {}
     for r in rows:
         v = _f(r.get(col))
-        if r["provider"].startswith("armor_") and r.get("status") == "ok" and math.isfinite(v):
-            if r["layer"] not in best or v > best[r["layer"]][0]:
-                best[r["layer"]] = (v, r["provider"])
+        ok = r["provider"].startswith("armor_") and r.get("status") == "ok" and math.isfinite(v)
+        if ok and (r["layer"] not in best or v > best[r["layer"]][0]):
+            best[r["layer"]] = (v, r["provider"])
     return best
 
 

@@ -91,7 +91,7 @@ def test_static_cache_decoder_matches_dynamic_cache():
     model, *_ = bench_e2e.build_model("tiny", None, torch.float32, torch.device("cpu"))
     ids = torch.randint(model.config.vocab_size, (2, 5))
     ck = bench_e2e.cache_kwarg(model)
-    with torch.inference_mode():
+    with torch.no_grad():
         dec = bench_e2e.StaticDecoder(model, ids, new=3)
         cache = DynamicCache()
         tok = model(ids, use_cache=True, **{ck: cache}).logits[:, -1:].argmax(-1)

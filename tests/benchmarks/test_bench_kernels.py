@@ -16,7 +16,12 @@ TOKENS = (1, 8)
 def smoke_rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("bk") / "k.csv"
     dispatch.reset()
-    assert bench_kernels.main(["--smoke", "--shapes", "tiny:up", "--tokens", ",".join(map(str, TOKENS)), "--out", str(out)]) == 0
+    assert (
+        bench_kernels.main(
+            ["--smoke", "--shapes", "tiny:up", "--tokens", ",".join(map(str, TOKENS)), "--out", str(out)]
+        )
+        == 0
+    )
     with open(out) as f:
         header = f.readline().strip().split(",")
     return header, common.read_csv(out)
@@ -112,7 +117,12 @@ def test_unavailable_failing_and_wrong_backends_are_rows_not_crashes(tmp_path, m
     monkeypatch.setitem(table, "fakewrong", _Fake("fakewrong", scale=1.5))
     out = tmp_path / "k.csv"
     provs = "dense,armor_fakeoff,armor_fakecrash,armor_fakewrong,armor_nosuch"
-    assert bench_kernels.main(["--smoke", "--shapes", "tiny:down", "--tokens", "4", "--providers", provs, "--out", str(out)]) == 0
+    assert (
+        bench_kernels.main(
+            ["--smoke", "--shapes", "tiny:down", "--tokens", "4", "--providers", provs, "--out", str(out)]
+        )
+        == 0
+    )
     rows = {r["provider"]: r for r in common.read_csv(out)}
     assert rows["dense"]["status"] == "ok"
     assert rows["armor_fakeoff"]["status"] == "unavailable"

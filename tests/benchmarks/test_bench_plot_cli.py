@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def smoke_csv(tmp_path_factory):
-    """A smoke CSV written through the `armor bench` command (two shapes, two token counts)."""
+    """A smoke CSV written through the `armor bench` command (one shape, two token counts)."""
     out = tmp_path_factory.mktemp("plot") / "k.csv"
-    argv = ["bench", "kernels", "--smoke", "--tokens", "1,4", "--providers", "dense,armor_reference,cslt_search",
+    argv = ["bench", "kernels", "--smoke", "--shapes", "tiny:up", "--tokens", "1,4", "--providers", "dense,armor_reference,cslt_search",
             "--out", str(out)]  # fmt: skip
     assert cli.main(argv) == 0
     return out
@@ -24,7 +24,7 @@ def smoke_csv(tmp_path_factory):
 
 def test_armor_bench_forwards_to_the_script(smoke_csv):
     rows = common.read_csv(smoke_csv)
-    assert len(rows) == 2 * 2 * 3  # shapes x tokens x providers
+    assert len(rows) == 2 * 3  # tokens x providers
     assert {r["provider"] for r in rows} == {"dense", "armor_reference", "cslt_search"}
 
 
@@ -33,7 +33,7 @@ def test_plot_writes_one_panel_per_shape(smoke_csv, tmp_path):
     assert plot.main(["--kernels", str(smoke_csv), "--png", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     panels = plot.speedup_series(common.read_csv(smoke_csv))
-    assert {(p[0], p[1]) for p in panels} == {("tiny", "up"), ("tiny", "down")}
+    assert {(p[0], p[1]) for p in panels} == {("tiny", "up")}
     for provs in panels.values():
         assert set(provs) <= {"armor_reference", "cslt_search"}  # dense is the baseline, not a line
         assert all([t for t, _ in pts] == sorted(t for t, _ in pts) for pts in provs.values())
@@ -61,8 +61,19 @@ def test_target_table_reads_gpu_rows_only():
         _krow("gate_proj/up_proj", 2048, "armor_cuda", 1.0, speedup_vs_dense="1.3", speedup_vs_plain24="0.9"),
         dict(_krow("down_proj", 1, "armor_triton", 1.0, speedup_vs_dense="9"), device="cpu"),
     ]
-    e2e = [dict(model="llama3-8b-shaped", phase="decode", variant="armor", status="ok", device="cuda", batch="1",
-                decode_mode="cuda_graph", speedup_vs_dense="1.3", layers_note="32 of 32")]  # fmt: skip
+    e2e = [
+        {
+            "model": "llama3-8b-shaped",
+            "phase": "decode",
+            "variant": "armor",
+            "status": "ok",
+            "device": "cuda",
+            "batch": "1",
+            "decode_mode": "cuda_graph",
+            "speedup_vs_dense": "1.3",
+            "layers_note": "32 of 32",
+        }
+    ]
     table = dict(plot.target_table(rows, e2e))
     decode, e2e_text, prefill, vs24, mem = (table[t] for t in plot.TARGETS)
     assert decode == "gate_proj/up_proj x2.00 (armor_triton)"  # the best backend; the CPU row is ignored
