@@ -95,15 +95,27 @@ def _blockdiag_config(m: int, bs: int) -> dict:
         bm = min(_np2(m), 64)
         if min(bm, bn, bk) < 16:
             bm = max(1, min(_np2(m), 8192 // (bn * bk)))
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": 1}
     if p < 16:
         # CUDA-core path: 4..12-wide blocks, many tokens per program (4096-element product tile)
-        return dict(BLOCK_M=max(1, min(_np2(m), 4096 // (p * p))), BLOCK_N=p, BLOCK_K=p, num_warps=4, num_stages=2)
+        return {
+            "BLOCK_M": max(1, min(_np2(m), 4096 // (p * p))),
+            "BLOCK_N": p,
+            "BLOCK_K": p,
+            "num_warps": 4,
+            "num_stages": 2,
+        }
     if m <= MAX_SMALL_TOKENS:
-        return dict(BLOCK_M=16, BLOCK_N=min(p, 64), BLOCK_K=min(p, 128), num_warps=4, num_stages=2)
+        return {"BLOCK_M": 16, "BLOCK_N": min(p, 64), "BLOCK_K": min(p, 128), "num_warps": 4, "num_stages": 2}
     bm = 128 if m >= 128 else 64
     bn = min(p, 128)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(p, 64), num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+    return {
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+        "BLOCK_K": min(p, 64),
+        "num_warps": 8 if bm * bn >= 128 * 128 else 4,
+        "num_stages": 3,
+    }
 
 
 def blockdiag(x, blocks, bias=None, out=None, out_dtype=None) -> torch.Tensor:
@@ -169,7 +181,7 @@ def _sparse_config(m: int, b_out: int | None, n_groups: int, use_dot: bool) -> d
     budget = 1 << 18 if interpreting() else 1 << 14
     bg = 32 if use_dot else budget // (bm * bo * 4)
     bg = max(4 if use_dot else 1, min(64, bg, _np2(n_groups)))  # tl.dot needs K = 4*BLOCK_G >= 16
-    return dict(rows=rows, BLOCK_M=bm, BLOCK_O=bo, BLOCK_G=_pow2_floor(bg))
+    return {"rows": rows, "BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_G": _pow2_floor(bg)}
 
 
 def _pow2_floor(n: int) -> int:
@@ -221,7 +233,9 @@ def sparse24_small(
     m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
     if split_k is None:
         # fill the GPU twice over, keeping >= 4 chunks of work per split
-        split_k = 1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(x.device), n_tiles), n_groups // (4 * bg)))
+        split_k = (
+            1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(x.device), n_tiles), n_groups // (4 * bg)))
+        )
     groups_per_split = triton.cdiv(triton.cdiv(n_groups, max(1, split_k)), bg) * bg
     split_k = triton.cdiv(n_groups, groups_per_split)
     if split_k > 1:

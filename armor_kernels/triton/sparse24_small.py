@@ -160,8 +160,25 @@ def sparse24_small_kernel(
             acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
 
     if SPLIT_K == 1:
-        _epilogue(acc, pid_o, lane, rows, row_ok, offs_m, m_ok, a_ptr, bias_ptr, y_ptr, ROWS_PER_TILE, B_OUT,
-                  stride_ym, stride_yo, BLOCK_M, FUSE_A, HAS_BIAS)
+        _epilogue(
+            acc,
+            pid_o,
+            lane,
+            rows,
+            row_ok,
+            offs_m,
+            m_ok,
+            a_ptr,
+            bias_ptr,
+            y_ptr,
+            ROWS_PER_TILE,
+            B_OUT,
+            stride_ym,
+            stride_yo,
+            BLOCK_M,
+            FUSE_A,
+            HAS_BIAS,
+        )
     else:
         # workspace [m_tiles, SPLIT_K, BLOCK_M, D_OUT] fp32, counters [m_tiles, n_tiles] int32 (0 between calls)
         local_m = tl.arange(0, BLOCK_M)
@@ -178,5 +195,22 @@ def sparse24_small_kernel(
                 # .cg: read the partials from L2, where the other programs' stores landed
                 total += tl.load(ws_tile + s * BLOCK_M * D_OUT, mask=ws_ok, other=0.0, cache_modifier=".cg")
             tl.atomic_xchg(counter, 0)
-            _epilogue(total, pid_o, lane, rows, row_ok, offs_m, m_ok, a_ptr, bias_ptr, y_ptr, ROWS_PER_TILE,
-                      B_OUT, stride_ym, stride_yo, BLOCK_M, FUSE_A, HAS_BIAS)
+            _epilogue(
+                total,
+                pid_o,
+                lane,
+                rows,
+                row_ok,
+                offs_m,
+                m_ok,
+                a_ptr,
+                bias_ptr,
+                y_ptr,
+                ROWS_PER_TILE,
+                B_OUT,
+                stride_ym,
+                stride_yo,
+                BLOCK_M,
+                FUSE_A,
+                HAS_BIAS,
+            )

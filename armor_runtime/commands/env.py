@@ -41,12 +41,18 @@ def collect(device: str | None = None, shape=(4096, 4096, 128)) -> dict:
         "transformers": _version("transformers"),
         "cuda (torch built with)": torch.version.cuda or "none (CPU build)",
         "gpus": [],
-        "env": {k: os.environ[k] for k in ("ARMOR_BACKEND", "ARMOR_DISABLED_BACKENDS", "TRITON_INTERPRET") if k in os.environ},
+        "env": {
+            k: os.environ[k]
+            for k in ("ARMOR_BACKEND", "ARMOR_DISABLED_BACKENDS", "TRITON_INTERPRET")
+            if k in os.environ
+        },
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            info["gpus"].append(f"{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs")
+            info["gpus"].append(
+                f"{i}: {p.name}, sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs"
+            )
     cusparselt = getattr(torch.backends, "cusparselt", None)
     info["cusparselt"] = (
         str(cusparselt.version()) if cusparselt is not None and cusparselt.is_available() else "not available"

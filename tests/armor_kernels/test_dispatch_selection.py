@@ -28,13 +28,17 @@ def test_cpu_picks_reference_even_with_the_interpreter(monkeypatch):
     choice = dispatch.select("armor_linear", x, *ws)
     assert choice.backend.name == "reference"
     if "triton" in dispatch.report()["backends"]:
-        assert dispatch.rank(dispatch.get("triton"), "cpu", "decode") < dispatch.rank(dispatch.get("reference"), "cpu", "decode")
+        assert dispatch.rank(dispatch.get("triton"), "cpu", "decode") < dispatch.rank(
+            dispatch.get("reference"), "cpu", "decode"
+        )
 
 
 def test_forced_backend_that_cannot_run_raises_its_reason(monkeypatch):
     x, ws = args(make())
     monkeypatch.setenv("ARMOR_BACKEND", "torch_sparse")
-    with pytest.raises(dispatch.BackendUnavailable, match="ARMOR_BACKEND=torch_sparse cannot run armor_linear: .*(CUDA|cuSPARSELt)"):
+    with pytest.raises(
+        dispatch.BackendUnavailable, match="ARMOR_BACKEND=torch_sparse cannot run armor_linear: .*(CUDA|cuSPARSELt)"
+    ):
         dispatch.select("armor_linear", x, *ws)
     monkeypatch.setenv("ARMOR_BACKEND", "no_such_backend")
     dispatch.reset()

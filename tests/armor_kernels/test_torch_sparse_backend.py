@@ -28,7 +28,9 @@ def test_can_implement_rejects_cpu_tensors_and_other_ops():
 
 
 def test_ranks_below_the_small_batch_kernel_for_decode():
-    assert dispatch.rank(torch_sparse.BACKEND, "cuda", "decode") < dispatch.rank(torch_sparse.BACKEND, "cuda", "prefill")
+    assert dispatch.rank(torch_sparse.BACKEND, "cuda", "decode") < dispatch.rank(
+        torch_sparse.BACKEND, "cuda", "prefill"
+    )
     triton = dispatch._load().get("triton")
     if triton is not None:
         assert dispatch.rank(triton, "cuda", "decode") > dispatch.rank(torch_sparse.BACKEND, "cuda", "decode")
@@ -37,7 +39,9 @@ def test_ranks_below_the_small_batch_kernel_for_decode():
 def test_search_is_feature_detected(monkeypatch):
     backend = torch_sparse.TorchSparseBackend()
     # newer torch: torch._C._cusparselt.mm_search -> (alg_id, split_k, split_k_mode, max_alg_id)
-    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=lambda *a: (3, 2, 1, 7)), raising=False)
+    monkeypatch.setattr(
+        torch._C, "_cusparselt", types.SimpleNamespace(mm_search=lambda *a: (3, 2, 1, 7)), raising=False
+    )
     monkeypatch.setattr(torch_sparse, "_schema_args", lambda: {"alg_id", "split_k", "split_k_mode"})
     kwargs, how = backend._search(None, None, None)
     assert kwargs == {"alg_id": 3, "split_k": 2, "split_k_mode": 1} and "mm_search" in how
