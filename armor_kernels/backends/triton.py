@@ -3,9 +3,10 @@
 Kernels exposed for direct timing (benchmarks) and tests:
 
 - ``blockdiag(x, blocks, bias=None, out=None, out_dtype=None)``: ``x · blockdiag(blocks)ᵀ (+ bias)``;
-- ``sparse24_small(x, values, meta, a=None, bias=None, out=None, out_dtype=None, split_k=None)``:
-  ``x Sᵀ`` (then ``· Aᵀ`` when ``a`` is given) ``+ bias``, for at most ``MAX_SMALL_TOKENS`` tokens;
-- ``decode_layer(x, a, values, meta, b, bias=None)``: the whole layer in 2 launches
+- ``sparse24_small(x, values, meta, a=None, bias=None, out=None, out_dtype=None, split_k=None, use_dot=None)``:
+  ``x Sᵀ`` (then ``· Aᵀ`` when ``a`` is given) ``+ bias``, built for at most
+  ``MAX_SMALL_TOKENS`` tokens (more run as 16-token tiles, each re-reading the weights);
+- ``decode_layer(x, a, values, meta, b, bias=None, out=None)``: the whole layer in 2 launches
   (B-wrapper, then 2:4 with A and bias fused; 3 when A's blocks are wider than a tile).
 
 Availability: needs triton, and either CUDA tensors or ``TRITON_INTERPRET=1``
@@ -39,8 +40,8 @@ except Exception as e:  # noqa: BLE001 - any import failure makes the backend un
     triton = tl = None
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
-# The small-batch 2:4 kernel's range: the decode regime. Beyond it the CUDA-core
-# arithmetic (2 FMAs per kept value and token) stops hiding under the weight reads.
+# The small-batch 2:4 kernel's range (dispatch): the decode regime. A program holds
+# at most 16 tokens, so beyond that every 16-token tile reads the weights again.
 MAX_SMALL_TOKENS = 16
 # From this many tokens the 2:4 kernel multiplies on tensor cores (16-row tiles)
 DOT_MIN_TOKENS = 9

@@ -66,6 +66,7 @@ def collect(device: str | None = None, shape=(4096, 4096, 128)) -> dict:
     for name in DTYPE_NAMES:
         info["plan"]["by_dtype"][name] = dispatch.plan(device, getattr(torch, name), d_out, d_in, block)
     info["choices"] = report["choices"]
+    info["passed_over"] = report["passed_over"]
     plans = {}
     for backend in dispatch.backends():
         if callable(getattr(backend, "plans", None)):
@@ -96,6 +97,8 @@ def _print_text(info: dict) -> None:
     print("\ncached choices" + ("" if info["choices"] else ": none yet (made on the first call of each shape class)"))
     for key, name in info["choices"].items():
         print(f"  {key} -> {name}")
+        for other, why in info["passed_over"].get(key, {}).items():
+            print(f"      passed over {other}: {why}")
     for backend, plans in info["backend_plans"].items():
         print(f"\n{backend} plans" + ("" if plans else ": none yet"))
         for key, how in plans.items():
