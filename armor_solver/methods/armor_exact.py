@@ -99,7 +99,7 @@ def solve_values(prob: Problem, a, s, b, mask, steps: int = CG_STEPS):
 
 
 def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_budget: float | None = None,
-              cg_steps: int = CG_STEPS, callback=None):
+              cg_steps: int = CG_STEPS, support_every: int = 1, callback=None):
     """Run exact sweeps from (A, S, mask, B); returns the best state and a trace.
 
     ``trace`` is a list of ``(seconds, loss)`` after each sweep; the state's loss
@@ -122,8 +122,8 @@ def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_b
             b, loss = b_new, l_new
         s_new, res, p, q, _ = solve_values(prob, a, s, b, mask, cg_steps)
         s_try, mask_try = s_new.clone(), mask.clone()
-        grad = -2.0 * res
-        sparse_step.greedy_step(prob, s_try, mask_try, grad, p, q)
+        if support_every and sweep % support_every == 0:
+            sparse_step.greedy_step(prob, s_try, mask_try, -2.0 * res, p, q)
         l_new = prob.loss(a, s_try, b)
         if l_new <= loss:
             s, mask, loss = s_try, mask_try, l_new

@@ -33,17 +33,17 @@ def diag_blocks4(q: torch.Tensor) -> torch.Tensor:
     return d.permute(0, 3, 1, 2).reshape(ni * nb, 4, 4)
 
 
-def best_supports(beta: torch.Tensor, m: torch.Tensor, s0: torch.Tensor):
+def best_supports(beta, mpp, mqq, mpq, cur):
     """Best support and values per group.
 
-    ``beta`` ``[..., 4]``, ``m`` ``[..., 4, 4]`` (= α M), ``s0`` ``[..., 4]`` current values
-    (zeros off the support). Returns (improvement ``[...]`` >= 0 up to rounding,
-    new values ``[..., 4]``, new keep-mask ``[..., 4]``).
+    ``beta`` ``[..., 4]``; ``mpp``, ``mqq``, ``mpq`` ``[..., 6]``: the entries of α M for
+    each candidate pair (p, q); ``cur`` ``[...]``: the current values' decrease of f
+    relative to an all-zero group. Returns (improvement ``[...]`` over the current
+    values, new values ``[..., 4]``, new keep-mask ``[..., 4]``).
     """
     i0 = torch.tensor(_I0, device=beta.device)
     i1 = torch.tensor(_I1, device=beta.device)
     bp, bq = beta[..., i0], beta[..., i1]
-    mpp, mqq, mpq = m[..., i0, i0], m[..., i1, i1], m[..., i0, i1]
     damp = DAMP * 0.5 * (mpp + mqq) + 1e-30
     g00, g11 = mpp + damp, mqq + damp
     det = (g00 * g11 - mpq * mpq).clamp_min(1e-30)
@@ -52,23 +52,40 @@ def best_supports(beta: torch.Tensor, m: torch.Tensor, s0: torch.Tensor):
     # the exact (undamped) decrease of f relative to an all-zero group
     gain = 2 * (sp * bp + sq * bq) - (sp * sp * mpp + 2 * sp * sq * mpq + sq * sq * mqq)
     gain = torch.where(torch.isfinite(gain), gain, torch.full_like(gain, -float("inf")))
-    cur = 2 * (s0 * beta).sum(-1) - (s0.unsqueeze(-2) @ m @ s0.unsqueeze(-1)).reshape(s0.shape[:-1])
     best_gain, best = gain.max(-1)
-    new = torch.zeros_like(s0)
-    new.scatter_(-1, i0[best].unsqueeze(-1), sp.gather(-1, best.unsqueeze(-1)))
-    new.scatter_(-1, i1[best].unsqueeze(-1), sq.gather(-1, best.unsqueeze(-1)))
-    keep = torch.zeros_like(s0, dtype=torch.bool)
-    keep.scatter_(-1, i0[best].unsqueeze(-1), True)
-    keep.scatter_(-1, i1[best].unsqueeze(-1), True)
+    best = best.unsqueeze(-1)
+    new = torch.zeros_like(beta)
+    new.scatter_(-1, i0[best], sp.gather(-1, best))
+    new.scatter_(-1, i1[best], sq.gather(-1, best))
+    keep = torch.zeros_like(beta, dtype=torch.bool)
+    keep.scatter_(-1, i0[best], True)
+    keep.scatter_(-1, i1[best], True)
     return best_gain - cur, new, keep
 
 
-def group_terms(grad4, s4, alpha, qgg, rows, groups):
-    """β, α M and s0 for the groups ``(rows[k], groups[k])``."""
-    s0 = s4[rows, groups]
-    m = alpha[rows].reshape(-1, 1, 1) * qgg[groups]
-    beta = -0.5 * grad4[rows, groups] + (m @ s0.unsqueeze(-1)).squeeze(-1)
-    return beta, m, s0
+def _terms(grad4, s0, alpha, qgg):
+    """β, the pair entries of α M and the current decrease, for groups laid out alike.
+
+    ``grad4``/``s0`` ``[..., 4]``, ``alpha`` broadcastable to ``[...]``, ``qgg`` ``[..., 4, 4]``
+    (broadcast over leading dims); no tiny matmuls (slow on CPU): products are sums.
+    """
+    i0 = torch.tensor(_I0, device=s0.device)
+    i1 = torch.tensor(_I1, device=s0.device)
+    qs0 = (qgg * s0.unsqueeze(-2)).sum(-1)  # M s0
+    al = alpha.unsqueeze(-1)
+    beta = -0.5 * grad4 + al * qs0
+    cur = 2 * (s0 * beta).sum(-1) - alpha * (s0 * qs0).sum(-1)
+    mpp = al * qgg[..., i0, i0]
+    mqq = al * qgg[..., i1, i1]
+    mpq = al * qgg[..., i0, i1]
+    return beta, mpp, mqq, mpq, cur
+
+
+def selected_improvements(grad, s, alpha, qgg, rows, groups):
+    """Best support for the groups ``(rows[k], groups[k])``: (improvement, values, keep)."""
+    d_out = s.shape[0]
+    grad4, s4 = grad.reshape(d_out, -1, 4), s.reshape(d_out, -1, 4)
+    return best_supports(*_terms(grad4[rows, groups], s4[rows, groups], alpha[rows], qgg[groups]))
 
 
 def all_group_improvements(grad, s, alpha, qgg, chunk_rows: int = 256):
@@ -84,10 +101,8 @@ def all_group_improvements(grad, s, alpha, qgg, chunk_rows: int = 256):
     keep = torch.empty(d_out, g, 4, dtype=torch.bool, device=s.device)
     for r0 in range(0, d_out, chunk_rows):
         r1 = min(r0 + chunk_rows, d_out)
-        s0 = s4[r0:r1]
-        m = alpha[r0:r1].reshape(-1, 1, 1, 1) * qgg  # [rows, G, 4, 4]
-        beta = -0.5 * grad4[r0:r1] + (m @ s0.unsqueeze(-1)).squeeze(-1)
-        imp[r0:r1], vals[r0:r1], keep[r0:r1] = best_supports(beta, m, s0)
+        terms = _terms(grad4[r0:r1], s4[r0:r1], alpha[r0:r1].reshape(-1, 1), qgg)
+        imp[r0:r1], vals[r0:r1], keep[r0:r1] = best_supports(*terms)
     return imp, vals, keep
 
 
@@ -139,9 +154,7 @@ def sampled_step(prob, s, mask, grad, p, q, generator=None) -> float:
     d_out, d_in = s.shape
     rows, groups = sample_groups(grad, prob.bo, prob.bi, generator)
     alpha = torch.diagonal(p, dim1=1, dim2=2).reshape(-1)
-    qgg = diag_blocks4(q)
-    beta, m, s0 = group_terms(grad.view(d_out, -1, 4), s.view(d_out, -1, 4), alpha, qgg, rows, groups)
-    imp, vals, keep = best_supports(beta, m, s0)
+    imp, vals, keep = selected_improvements(grad, s, alpha, diag_blocks4(q), rows, groups)
     return apply_groups(s, mask, rows, groups, vals, keep, imp)[3]
 
 
