@@ -9,7 +9,10 @@ Providers (``--providers``, comma-separated, default all):
   found by cuSPARSELt's search, once per shape and token count, outside the timed region;
 - ``cslt_alg0``: the same with the default algorithm 0;
 - ``armor_<backend>``: ``armor_kernels.armor_linear`` with ``ARMOR_BACKEND=<backend>``
-  (the public op, as the runtime calls it), one per backend module of ``armor_kernels.dispatch``.
+  (the public op, as the runtime calls it), one per backend module of ``armor_kernels.dispatch``;
+  a backend that runs only the 2:4 core gets its wrappers from dispatch (the note says
+  ``runs composite(...)``);
+- ``armor_auto``: the same op with dispatch's automatic choice (what ``ArmorLinear`` runs).
 
 Every point writes one row per provider; a provider that cannot run writes status
 ``unavailable`` with the reason. On CPU only ``dense`` and ``armor_reference`` (the
@@ -31,6 +34,7 @@ from benchmarks import common
 TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)
 SMOKE_TOKENS = (1, 16)
 PLAIN24 = ("cslt_search", "cslt_alg0")
+AUTO = "auto"  # armor_auto: dispatch's own choice, what ArmorLinear runs
 
 COLUMNS = common.ENV_COLUMNS + [
     "model", "layer", "d_out", "d_in", "block_out", "block_in", "dtype", "tokens", "provider", "status", "reason",
@@ -51,10 +55,10 @@ class Unavailable(Exception):
 
 
 def armor_provider_names() -> list[str]:
-    """``armor_<name>`` for each loaded backend, and for each backend module that failed to load."""
+    """``armor_auto``, ``armor_<name>`` for each loaded backend, and for each backend module that failed to load."""
     from armor_kernels import dispatch
 
-    names = [f"armor_{b.name}" for b in dispatch.backends()]
+    names = [f"armor_{AUTO}"] + [f"armor_{b.name}" for b in dispatch.backends()]
     names += [f"armor_{m}" for m in dispatch.report()["load_errors"]]
     return names
 
@@ -127,11 +131,15 @@ def make_cslt(w24: torch.Tensor, x: torch.Tensor, search: bool):
 
 @contextlib.contextmanager
 def forced_backend(name: str):
-    """``ARMOR_BACKEND=name`` for the duration, dispatch choices reset on entry and exit."""
+    """``ARMOR_BACKEND=name`` for the duration (``auto``: unset, automatic selection);
+    dispatch choices reset on entry and exit."""
     from armor_kernels import dispatch
 
     old = os.environ.get("ARMOR_BACKEND")
-    os.environ["ARMOR_BACKEND"] = name
+    if name == AUTO:
+        os.environ.pop("ARMOR_BACKEND", None)
+    else:
+        os.environ["ARMOR_BACKEND"] = name
     dispatch.reset()
     try:
         yield
@@ -143,21 +151,16 @@ def forced_backend(name: str):
         dispatch.reset()
 
 
-def check_armor_backend(name: str, x: torch.Tensor, w, prepare: bool = True) -> None:
-    """Raise Unavailable with the backend's own reason when it cannot run this point."""
+def armor_choice(name: str, x: torch.Tensor, w) -> str:
+    """What dispatch runs ``armor_linear`` on with ``ARMOR_BACKEND=name`` (a backend, or a
+    composite of wrapper and 2:4-core backends); raises Unavailable with dispatch's reason."""
     from armor_kernels import dispatch
 
-    try:
-        backend = dispatch.get(name)
-    except dispatch.BackendUnavailable as e:
-        raise Unavailable(str(e)) from None
-    ok, why = backend.is_available()
-    if ok:
-        ok, why = backend.can_implement("armor_linear", x, w.a, w.values, w.meta, w.b, w.bias)
-    if not ok:
-        raise Unavailable(f"{name}: {why}")
-    if prepare:
-        backend.prepare(w.a, w.values, w.meta, w.b, w.bias)
+    with forced_backend(name):
+        try:
+            return dispatch.select("armor_linear", x, w.a, w.values, w.meta, w.b, w.bias).backend.name
+        except dispatch.BackendUnavailable as e:
+            raise Unavailable(str(e)) from None
 
 
 # ---- one point --------------------------------------------------------------
@@ -186,7 +189,7 @@ def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], 
                 and prov != "armor_reference"
                 and prov not in explicit
             ):
-                check_armor_backend(prov[len("armor_") :], x, w, prepare=False)  # unavailable beats skipped
+                armor_choice(prov[len("armor_") :], x, w)  # unavailable beats skipped
                 row.update(
                     status="skipped",
                     reason="on CPU only the reference path is timed (name it in --providers to time it)",
@@ -205,9 +208,15 @@ def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], 
                 from armor_kernels import armor_linear, reference
 
                 name = prov[len("armor_") :]
-                check_armor_backend(name, x, w)
-                if device.type == "cpu" and name == "reference":
+                chosen = armor_choice(name, x, w)
+                if name != "reference":
+                    from armor_kernels import dispatch
+
+                    dispatch.prepare(w.a, w.values, w.meta, w.b, w.bias)  # load-time layouts, untimed
+                if device.type == "cpu" and chosen == "reference":
                     row["note"] = "cpu reference"
+                elif chosen != name:
+                    row["note"] = f"runs {chosen}"
                 wbytes = w.nbytes()["total"]
                 flops_d, flops_s = 2 * tokens * (b_in * k + b_out * n), tokens * n * k
                 ref = reference.armor_linear(x.float(), w.a.float(), w.values.float(), w.meta, w.b.float())

@@ -174,3 +174,13 @@ def test_roofline_time_is_the_larger_bound():
     assert roof.ideal_ms("bf16", 1e9, 0, 1e9) == pytest.approx(1.0)
     # compute-bound, 2:4 flops run at twice the dense rate
     assert roof.ideal_ms("bf16", 0, 2e14, 1) == pytest.approx(1000.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CPU automatic selection picks the reference")
+def test_auto_provider_times_dispatch_choice(tmp_path):
+    out = tmp_path / "k.csv"
+    argv = ["--smoke", "--shapes", "tiny:up", "--tokens", "2", "--providers", "dense,armor_auto", "--out", str(out)]
+    assert bench_kernels.main(argv) == 0
+    auto = {r["provider"]: r for r in common.read_csv(out)}["armor_auto"]
+    assert auto["status"] == "ok" and auto["note"] == "cpu reference"
+    assert _f(auto["max_rel_err"]) <= bench_kernels.REL_ERR_LIMIT
