@@ -92,3 +92,22 @@ def test_gpu_matches_reference(dtype, tokens):
     err = float((got.float() - want).abs().max())
     assert err <= 4 * float((same - want).abs().max()) + 2.0**-7 * float(want.abs().max())
     assert backend.plans(), "the searched algorithm was not recorded"
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_through_torch_sparse(monkeypatch):
+    ok, why = torch_sparse.BACKEND.is_available()
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.setenv("ARMOR_BACKEND", "torch_sparse")
+    dispatch.reset()
+    core = torch.randn(64, 128)
+    mask = sparse24.topk_mask(core.abs())
+    w = ArmorWeights.from_factors(
+        torch.eye(64).expand(1, 64, 64), torch.where(mask, core, 0.0), torch.eye(128).expand(1, 128, 128),
+        bias=torch.randn(64), mask=mask, dtype=torch.bfloat16,
+    ).to("cuda")  # fmt: skip
+    x = torch.randn(24, 128, device="cuda").to(torch.bfloat16)
+    torch.library.opcheck(torch.ops.armor.sparse24_matmul.default, (x, w.values, w.meta, w.bias))
+    choice = dispatch.select("armor_linear", x, w.a, w.values, w.meta, w.b, w.bias)
+    assert "torch_sparse" in choice.backend.name  # a composite around the cuSPARSELt core
