@@ -128,7 +128,7 @@ plot() {
     [ -f "$OUT/kernels.csv" ] || { echo "no kernels.csv: nothing to plot"; return 1; }
     local e2e=()
     [ -f "$OUT/e2e.csv" ] && e2e=(--e2e "$OUT/e2e.csv")
-    "$PY" -m benchmarks.plot --kernels "$OUT/kernels.csv" "${e2e[@]}" --png "$OUT/kernels_speedup.png" \
+    "$PY" -m benchmarks.plot --kernels "$OUT/kernels.csv" ${e2e[@]+"${e2e[@]}"} --png "$OUT/kernels_speedup.png" \
         --targets --brief | tee "$SCRATCH/targets.txt"
 }
 export PY OUT SCRATCH K_PROVIDERS E2E_ARGS
