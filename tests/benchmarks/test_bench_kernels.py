@@ -184,3 +184,56 @@ def test_auto_provider_times_dispatch_choice(tmp_path):
     auto = {r["provider"]: r for r in common.read_csv(out)}["armor_auto"]
     assert auto["status"] == "ok" and auto["note"] == "cpu reference"
     assert _f(auto["max_rel_err"]) <= bench_kernels.REL_ERR_LIMIT
+
+
+@pytest.fixture
+def fake_cusparselt(monkeypatch):
+    """CPU stand-ins with cuSPARSELt's calling convention, to exercise the plumbing
+    (padding, transposes, search results) that otherwise runs only on a GPU."""
+    import types
+
+    calls = {"search": 0}
+
+    def compress(w):
+        return w.clone()
+
+    def sparse_mm(packed, dense, bias=None, alpha=None, out_dtype=None, transpose_result=False, alg_id=0, split_k=1, split_k_mode=-1):  # fmt: skip
+        assert dense.shape[1] % 8 == 0, "cuSPARSELt needs the dense operand padded to 8"
+        y = packed.float() @ dense.float()
+        if bias is not None:
+            y = y + bias.float()[:, None]
+        return (y.t() if transpose_result else y).to(dense.dtype)
+
+    def mm_search(packed, dense, bias, alpha, out_dtype, transpose_result):
+        calls["search"] += 1
+        return (3, 2, 1, 10)  # alg_id, split_k, split_k_mode, max_alg_id
+
+    monkeypatch.setattr(torch, "_cslt_compress", compress)
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
+    monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=mm_search), raising=False)
+    monkeypatch.setattr(bench_kernels, "cslt_status", lambda: (True, ""))
+    return calls
+
+
+@pytest.mark.parametrize("tokens", [3, 8])
+def test_cslt_provider_pads_and_uses_the_searched_algorithm(fake_cusparselt, tokens):
+    w = torch.randn(32, 64) * common.random_24_mask(32, 64, "cpu")
+    x = torch.randn(tokens, 64)
+    fn, nbytes, note = bench_kernels.make_cslt(w, x, search=True)
+    torch.testing.assert_close(fn(), x @ w.t(), rtol=1e-5, atol=1e-5)
+    assert nbytes == w.nbytes
+    assert "alg_id=3" in note and "split_k=2" in note and "split_k_mode=1" in note
+    assert ("padded" in note) == (tokens % 8 != 0)
+
+
+def test_cslt_module_matches_the_pruned_linear(fake_cusparselt, monkeypatch):
+    from benchmarks import bench_e2e
+
+    monkeypatch.setattr(bench_e2e, "_ALGS", {})
+    lin = torch.nn.Linear(64, 32)
+    mod = bench_e2e.Cslt24Linear(lin)
+    x = torch.randn(2, 3, 64)
+    w24 = lin.weight * bench_e2e._magnitude_24(lin.weight)
+    torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, w24, lin.bias), rtol=1e-5, atol=1e-5)
+    mod(torch.randn(2, 3, 64))  # same padded token count: the search result is reused
+    assert fake_cusparselt["search"] == 1
