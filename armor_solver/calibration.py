@@ -101,11 +101,16 @@ def check_finite_stats(name: str, stats: LayerStats) -> None:
 class LayerwiseRunner:
     """Holds the hidden states entering the current block for every calibration sample."""
 
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, device: str | torch.device = "cpu"):
+    def __init__(
+        self, model: nn.Module, input_ids: torch.Tensor, device: str | torch.device = "cpu", batch_size: int = 4
+    ):
         self.model = model
         self.device = torch.device(device)
         self.prefix, self.layers = decoder_layers(model)
-        self.hidden, self.block_kwargs = self._capture(input_ids)
+        hidden, self.block_kwargs = self._capture(input_ids)
+        # samples run through a block in batches; the recorded kwargs (batch 1: rotary tables,
+        # causal masks) broadcast over the batch because every sample has the same length
+        self.hidden = [torch.cat(hidden[i : i + batch_size]) for i in range(0, len(hidden), batch_size)]
         self.next_block = 0
 
     @torch.no_grad()

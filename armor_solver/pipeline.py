@@ -157,6 +157,13 @@ def _apply(linear, weights: ArmorWeights) -> None:
     linear.weight.data.copy_(w_hat.to(linear.weight.device, linear.weight.dtype))
 
 
+def materialize_into(model, weights: dict[str, ArmorWeights]) -> None:
+    """Write every W_hat into the model's dense linears: the same function as the converted model,
+    evaluated with dense kernels (quality measurements on CPU without the ArmorLinear path)."""
+    for name, w in weights.items():
+        _apply(model.get_submodule(name), w)
+
+
 def prune_model(
     model,
     tokenizer,

@@ -6,7 +6,10 @@
 All methods share the same calibration token windows and the same evaluation
 windows (held-out split, never seen by calibration). Dense-statistics methods
 (magnitude, NoWag-P, ARMOR) share one pass over the dense model; its time is
-reported once, separately from the per-method prune time. Wanda and SparseGPT
+reported once, separately from the per-method prune time. Perplexity is
+measured with each layer's W_hat = A·S·B materialized into the dense linear
+(the same function as the ArmorLinear checkpoint, evaluated with dense CPU
+kernels; `armor eval` measures a saved checkpoint through ArmorLinear). Wanda and SparseGPT
 re-run calibration through the already-pruned blocks (as published), so their
 prune time includes their own calibration passes.
 """
@@ -25,11 +28,11 @@ import torch
 
 from armor_solver import calibration, data, evaluate, models
 from armor_solver import methods as registry
-from armor_solver.pipeline import PruneSettings, prune_model
+from armor_solver.pipeline import PruneSettings, materialize_into, prune_model
 
 ALL_METHODS = ("magnitude", "wanda", "sparsegpt", "nowag-p", "armor")
 # --demo: about 15 minutes on 2 CPU cores in total (measured; see the README section)
-DEMO = dict(nsamples=16, seqlen=256, windows=24, eval_seqlen=256, armor_time_budget=1.5)
+DEMO = dict(nsamples=8, seqlen=256, windows=8, eval_seqlen=256, armor_time_budget=1.0)
 FULL = dict(nsamples=64, seqlen=512, windows=64, eval_seqlen=512, armor_time_budget=None)
 
 
@@ -58,7 +61,10 @@ def parse_args(argv=None):
 
 
 def armor_extra(args) -> dict:
-    extra = {}
+    from armor_solver.methods import armor
+
+    # the ARMOR module may publish its own small-budget options for the demo
+    extra = dict(getattr(armor, "DEMO_OPTIONS", {})) if args.demo else {}
     if args.armor_solver:
         extra["solver"] = args.armor_solver
     if args.armor_time_budget:
@@ -74,9 +80,11 @@ def describe_armor_budget(args) -> str:
         budget = f"{args.iters or armor_exact.DEFAULT_SWEEPS} sweeps max"
     else:
         budget = f"{args.iters or armor_adam.DEFAULT_ITERS} Adam iterations max"
-    per_layer = f", {args.armor_time_budget:g} s per layer max" if args.armor_time_budget else ""
+    per_layer = f", {args.armor_time_budget:g} s per layer (checked between sweeps)" if args.armor_time_budget else ""
+    extra = armor_extra(args)
     del armor
-    return f"ARMOR solver {solver}: {budget}{per_layer}, block size {args.block_size} per side (largest valid divisor)"
+    return (f"ARMOR solver {solver}: {budget}{per_layer}, block size {args.block_size} per side "
+            f"(largest valid divisor); options {extra}")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -123,7 +131,8 @@ def main(argv=None) -> int:
             extra=armor_extra(args) if method == "armor" else {},
         )
         result = prune_model(pruned, tokenizer, settings, device=args.device, calib_ids=calib,
-                             dense_stats=dense_stats, log=lambda s: None)
+                             dense_stats=dense_stats, log=lambda s: None, save=False)
+        materialize_into(pruned, result.weights)
         ppl = evaluate.perplexity(pruned, windows)["ppl"]
         rows.append({"method": method, "ppl": ppl, "proxy_loss": result.mean_loss(), "prune_s": result.seconds})
         say(f"{method}: ppl {ppl:.3f}, mean proxy loss {result.mean_loss():.4f}, {result.seconds:.0f} s")
