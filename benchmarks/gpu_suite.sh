@@ -6,8 +6,8 @@
 # Needs a CUDA machine with PyTorch, Triton and transformers installed; never touches
 # the network (pip runs with --no-index). Every step runs under `timeout`, its
 # failure is recorded and the suite goes on. The whole suite keeps to SUITE_SECONDS
-# (default 440 s, plus 35 s kept for the plot: under 8 minutes): later steps get what is left, the plot and the
-# summary always run. SUITE_SMOKE=1 runs the benchmarks in --smoke mode and
+# (default 430 s, plus 35 s kept for the plot: under 8 minutes): later steps get
+# what is left, the plot and the summary always run. SUITE_SMOKE=1 runs the benchmarks in --smoke mode and
 # SUITE_NO_BUILD=1 skips the build (a dry run of the plumbing on any machine).
 # Output: 6 files, all in one folder:
 #   suite.log  every step's output        env.txt           GPU, driver, versions
@@ -16,14 +16,14 @@
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INDEX=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
-cd "$(dirname "$0")/.."
-PY=${PY:-python3}
-OUT=${OUT:-./gpu_results}
+OUT=${OUT:-./gpu_results}      # relative to where the suite is started
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
 LOG=$OUT/suite.log
 SUMMARY=$OUT/summary.txt
-TOTAL=${SUITE_SECONDS:-440}         # + RESERVE for the plot: under 8 minutes in all
+TOTAL=${SUITE_SECONDS:-430}    # + RESERVE for the plot: at most 465 s, under 8 minutes
 RESERVE=35                     # seconds kept for the plot and the summary
 SCRATCH=$(mktemp -d)           # temporary checkpoints of bench_e2e, never in $OUT
 trap 'rm -rf "$SCRATCH"' EXIT
