@@ -20,6 +20,7 @@ Options (``cfg.extra``, as set by the CLI):
   when a sweep gains less than a relative 1e-6.
 - ``time_budget``: seconds per layer for either solver (``--time-budget``).
 - ``cg_steps``: CG steps on the kept values per exact sweep (default 3).
+- ``stop_below``: end the exact sweeps once the loss is at or below this (benchmarks).
 - ``lr``, ``seed``: Adam learning rate (1e-4) and the group-sampling seed (0).
 ``cfg.iters``: Adam iterations (default 2000; the paper uses 20,000), or the
 sweep count for the exact solver when ``sweeps`` is not given.
@@ -90,7 +91,10 @@ def prune(weight: torch.Tensor, stats, cfg: PruneConfig | None = None) -> Method
     if solver == "exact":
         sweeps = _option(extra, "sweeps", cfg.iters if cfg.iters is not None else armor_exact.DEFAULT_SWEEPS, int)
         cg_steps = _option(extra, "cg_steps", armor_exact.CG_STEPS, int)
-        a, s, mask, b, loss, trace = armor_exact.fit_exact(prob, a, s, mask, b, sweeps, time_budget, cg_steps)
+        stop_below = _option(extra, "stop_below", None, float)
+        a, s, mask, b, loss, trace = armor_exact.fit_exact(
+            prob, a, s, mask, b, sweeps, time_budget, cg_steps, stop_below=stop_below
+        )
         iters, losses = len(trace), [l for _, l in trace]
     else:
         n_iter = cfg.iters if cfg.iters is not None else armor_adam.DEFAULT_ITERS

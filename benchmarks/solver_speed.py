@@ -1,0 +1,198 @@
+"""Solver speed: ARMOR's exact solver against the paper's Adam schedule on SmolLM2-135M.
+
+For a few real matrices of SmolLM2-135M (dequantized from the bundled GGUF) with
+``h`` from a short dense calibration pass over the bundled Wikipedia text, run
+
+- the Adam schedule (``solver="adam"``) for N iterations, recording (time, best loss);
+- the exact solver (``solver="exact"``) sweep by sweep, until it is below Adam's
+  final loss or has used a tenth of Adam's time (at least ``--exact-min`` seconds),
+
+and report how long each needs to reach Adam's loss after 350, 2,000 and 20,000
+iterations (when that many were run). Writes ``solver_speed.csv`` (the table),
+``solver_speed_trace.csv`` (loss vs time), ``solver_speed.md`` and
+``solver_speed.png`` into ``--out``.
+
+    python3 -m benchmarks.solver_speed                      # ~20 min on 2 shared cores
+    python3 -m benchmarks.solver_speed --plot-only          # redraw from the CSVs
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).resolve().parent / "results"
+# matrix (module path under model.layers) : Adam iterations. 20,000 Adam iterations
+# only on the small k_proj: on 2 shared cores they take ~100 ms each on 576x576.
+DEFAULT_MATRICES = "10.self_attn.k_proj:20000,10.self_attn.q_proj:2000,10.mlp.down_proj:350"
+MILESTONES = (350, 2000, 20000)
+
+
+def calibrate(names: list[str], nsamples: int, seqlen: int):
+    """(weights, LayerStats) of the named linears from a dense calibration pass."""
+    from armor_solver import calibration, data, models
+
+    model, tok, _ = models.load_model("smollm2-135m")
+    ids = data.calibration_ids(tok, data.load_wikipedia(), nsamples, seqlen)
+    last = max(int(n.split(".")[2]) for n in names)
+    ignore = [f"*.layers.{i}.*" for i in range(last + 1, 1000)]  # stop after the last needed block
+    stats = calibration.collect_dense_stats(model, ids, ignore=ignore)
+    mods = dict(model.named_modules())
+    return {n: (mods[n].weight.detach().float().clone(), stats[n]) for n in names}
+
+
+def _fit(weight, stats, solver: str, device: str, **extra):
+    from armor_solver.methods import armor
+    from armor_solver.methods.base import PruneConfig
+
+    iters = extra.pop("iters", None)
+    cfg = PruneConfig(block_size=128, iters=iters, device=device, extra={"solver": solver, **extra})
+    return armor.prune(weight, stats, cfg).info
+
+
+def time_to(trace, target: float):
+    """First time in ``trace`` [(s, loss)] with loss <= target (None if never)."""
+    return next((t for t, l in trace if l <= target * (1 + 1e-9)), None)
+
+
+def run_matrix(name: str, weight, stats, adam_iters: int, device: str, exact_min: float, log):
+    numel = weight.numel() / 1e6
+    ad = _fit(weight, stats, "adam", device, iters=adam_iters)
+    tr_adam = ad["trace"]  # one (seconds, loss) per iteration; index = iteration
+    best, best_adam = float("inf"), []
+    for t, l in tr_adam:
+        best = min(best, l)
+        best_adam.append((t, best))
+    adam_s = tr_adam[-1][0]
+    log(f"{name}: adam {len(tr_adam) - 1} iters {adam_s:.1f}s loss {ad['proxy_loss']:.5f}")
+    marks = [m for m in MILESTONES if m < len(best_adam)] or [len(best_adam) - 1]  # short runs: the last one
+    targets = [(m, best_adam[m][1], best_adam[m][0]) for m in marks]
+    final = targets[-1][1]
+    budget = max(exact_min, adam_s / 10)
+    # sweeps until below the deepest target or out of budget (each sweep is checked once done)
+    ex = _fit(weight, stats, "exact", device, sweeps=100000, time_budget=budget, stop_below=final)
+    log(f"{name}: exact {ex['iters']} sweeps {ex['trace'][-1][0] if ex['trace'] else 0:.1f}s loss {ex['proxy_loss']:.5f}")
+    rows = []
+    for m, target, t_adam in targets:
+        t_ex = time_to(ex["trace"], target)
+        rows.append({
+            "matrix": name, "shape": "x".join(map(str, weight.shape)), "device": device,
+            "block_out": ex["block_out"], "block_in": ex["block_in"], "init_loss": f"{ex['init_loss']:.6f}",
+            "adam_iters": m, "adam_loss": f"{target:.6f}", "adam_s": f"{t_adam:.2f}",
+            "exact_s": "" if t_ex is None else f"{t_ex:.2f}",
+            "exact_sweeps": "" if t_ex is None else 1 + [t for t, _ in ex["trace"]].index(t_ex),
+            "speedup": "" if t_ex is None else f"{t_adam / t_ex:.1f}",
+            "adam_s_per_iter_per_Mw": f"{adam_s / (len(tr_adam) - 1) / numel:.4f}",
+            "exact_s_per_sweep_per_Mw": f"{ex['trace'][-1][0] / max(ex['iters'], 1) / numel:.4f}",
+        })
+    step = max(1, len(tr_adam) // 400)
+    trace = [(name, "adam", t, l) for t, l in best_adam[::step]] + [(name, "exact", t, l) for t, l in ex["trace"]]
+    return rows, trace
+
+
+def write(out: Path, rows, trace, meta: str):
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "solver_speed.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    with open(out / "solver_speed_trace.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["matrix", "solver", "seconds", "loss"])
+        w.writerows([(m, s, f"{t:.4f}", f"{l:.7f}") for m, s, t, l in trace])
+    lines = [
+        "# ARMOR solver speed: time to reach the Adam schedule's loss", "", meta, "",
+        "| matrix | shape | device | Adam iters | Adam loss | Adam s | exact s | exact sweeps | speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['matrix']} | {r['shape']} | {r['device']} | {r['adam_iters']} | {r['adam_loss']} | {r['adam_s']} | "
+            f"{r['exact_s'] or 'not reached'} | {r['exact_sweeps']} | {r['speedup'] or '-'} |"
+        )
+    lines += ["", "Throughput (seconds per million weights):", "",
+              "| matrix | Adam s/iter/Mw | exact s/sweep/Mw |", "|---|---|---|"]
+    seen = set()
+    for r in rows:
+        if r["matrix"] not in seen:
+            seen.add(r["matrix"])
+            lines.append(f"| {r['matrix']} | {r['adam_s_per_iter_per_Mw']} | {r['exact_s_per_sweep_per_Mw']} |")
+    (out / "solver_speed.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(out: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, dict[str, list]] = {}
+    with open(out / "solver_speed_trace.csv") as f:
+        for r in csv.DictReader(f):
+            d = series.setdefault(r["matrix"], {}).setdefault(r["solver"], [[], []])
+            d[0].append(float(r["seconds"]))
+            d[1].append(float(r["loss"]))
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 4), squeeze=False)
+    for ax, (name, by_solver) in zip(axes[0], series.items()):
+        for solver, (t, l) in by_solver.items():
+            ax.plot([max(x, 1e-2) for x in t], l, label=solver, marker="." if solver == "exact" else None)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("wall time (s)")
+        ax.set_ylabel("proxy loss")
+        ax.set_title(name, fontsize=9)
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "solver_speed.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--matrices", default=DEFAULT_MATRICES, help="layer.module:adam_iters, comma separated")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--exact-min", type=float, default=30.0, help="exact solver time floor per matrix (s)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--plot-only", action="store_true")
+    args = ap.parse_args(argv)
+    if args.plot_only:
+        plot(args.out)
+        return 0
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    spec = [m.split(":") for m in args.matrices.split(",")]
+    names = [f"model.layers.{m}" for m, _ in spec]
+    t0 = time.perf_counter()
+    data = calibrate(names, args.nsamples, args.seqlen)
+    print(f"calibrated {args.nsamples}x{args.seqlen} tokens in {time.perf_counter() - t0:.0f}s", flush=True)
+    rows, trace = [], []
+    meta = (
+        f"SmolLM2-135M (GGUF Q4_1 dequantized), h from {args.nsamples}x{args.seqlen} Wikipedia tokens; "
+        f"block 128 (96 where 128 does not divide); device {args.device}"
+        + ("" if args.device != "cpu" else f", {args.threads} torch thread(s) on {os.cpu_count()} shared cores "
+           f"({platform.processor() or platform.machine()}); timings noisy")
+        + f"; torch {torch.__version__}."
+    )
+    for (m, iters), name in zip(spec, names):
+        w, st = data[name]
+        r, tr = run_matrix(name.removeprefix("model.layers."), w, st, int(iters), args.device, args.exact_min,
+                           lambda s: print(s, flush=True))
+        rows += r
+        trace += tr
+        write(args.out, rows, trace, meta)  # after every matrix, so a cut run keeps its results
+    plot(args.out)
+    print(f"total {time.perf_counter() - t0:.0f}s; wrote {args.out}/solver_speed.*", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
