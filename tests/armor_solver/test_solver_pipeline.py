@@ -160,3 +160,22 @@ def test_dense_and_sequential_statistics(family, monkeypatch, solver_make_model)
     torch.testing.assert_close(runs["wanda"]["model.layers.0.self_attn.q_proj"], dense["model.layers.0.self_attn.q_proj"].h)
     diff = (runs["wanda"]["model.layers.1.self_attn.q_proj"] - dense["model.layers.1.self_attn.q_proj"].h).abs().max()
     assert float(diff) > 1e-4  # block 1 saw the pruned block 0
+
+
+def test_saved_checkpoint_reloads_to_the_same_model(tmp_path, solver_make_model, solver_tokenizer, solver_text_file):
+    from armor_runtime.checkpoint import load_pretrained
+
+    model = solver_make_model()
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
+    out = str(tmp_path / "ckpt")
+    result = prune_model(model, solver_tokenizer, settings("sparsegpt", text=solver_text_file), out_dir=out,
+                         log=lambda s: None)
+    assert type(model.model.layers[1].mlp.down_proj).__name__ == "ArmorLinear"
+    assert not os.path.exists(os.path.join(out, pipeline.PARTIAL))
+    reloaded = load_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+    solver = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["solver"]
+    assert solver["method"] == "sparsegpt" and solver["propagation"] == "sequential"
+    assert solver["per_layer"]["model.layers.0.self_attn.q_proj"]["proxy_loss"] == pytest.approx(
+        result.layers["model.layers.0.self_attn.q_proj"]["proxy_loss"])
