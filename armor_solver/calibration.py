@@ -37,9 +37,9 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The ModuleList of decoder blocks (``model.layers`` for Llama, Qwen, Mistral, Gemma3)."""
     best = None
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers" and len(module):
-            if best is None or len(module) > len(best[1]):
-                best = (name, module)
+        is_blocks = isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers" and len(module)
+        if is_blocks and (best is None or len(module) > len(best[1])):
+            best = (name, module)
     if best is None:
         raise CalibrationError(f"{type(model).__name__}: no decoder block list ('*.layers') found")
     return best
@@ -53,7 +53,7 @@ def model_targets(model: nn.Module, targets=None) -> tuple[str, ...]:
 
 def find_targets(model: nn.Module, targets=None, ignore=()) -> dict[int, dict[str, nn.Linear]]:
     """block index -> {module name: nn.Linear} of the linears to prune, in module order."""
-    prefix, layers = decoder_layers(model)
+    prefix, _ = decoder_layers(model)
     targets = model_targets(model, targets)
     pattern = re.compile(re.escape(prefix) + r"\.(\d+)\.")
     found: dict[int, dict[str, nn.Linear]] = defaultdict(dict)

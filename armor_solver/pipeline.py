@@ -54,7 +54,7 @@ class PruneSettings:
     extra: dict = field(default_factory=dict)
     propagation: str = ""  # "dense" or "sequential"; empty: the method's published mode
 
-    def resolved(self) -> "PruneSettings":
+    def resolved(self) -> PruneSettings:
         prop = self.propagation or registry.propagation(self.method)
         if prop not in ("dense", "sequential"):
             raise PipelineError(f"propagation {prop!r}: choose 'dense' or 'sequential'")

@@ -32,8 +32,8 @@ from armor_solver.pipeline import PruneSettings, materialize_into, prune_model
 
 ALL_METHODS = ("magnitude", "wanda", "sparsegpt", "nowag-p", "armor")
 # --demo: about 15 minutes on 2 CPU cores in total (measured; see the README section)
-DEMO = dict(nsamples=8, seqlen=256, windows=8, eval_seqlen=256, armor_time_budget=1.0)
-FULL = dict(nsamples=64, seqlen=512, windows=64, eval_seqlen=512, armor_time_budget=None)
+DEMO = {"nsamples": 8, "seqlen": 256, "windows": 8, "eval_seqlen": 256, "armor_time_budget": 1.0}
+FULL = {"nsamples": 64, "seqlen": 512, "windows": 64, "eval_seqlen": 512, "armor_time_budget": None}
 
 
 def parse_args(argv=None):
@@ -96,13 +96,16 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in methods:
         registry.module(m)  # unknown or missing methods fail now, not after an hour
     t_start = time.time()
-    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
     model, tokenizer, source = models.load_model(args.model)
     corpus = data.load_corpus(args.text)

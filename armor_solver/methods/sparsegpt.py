@@ -48,7 +48,7 @@ def prune(weight: torch.Tensor, stats: LayerStats, cfg: PruneConfig) -> MethodRe
     w[:, dead] = 0.0
     u = _inverse_cholesky(h, damp)
 
-    d_out, d_in = w.shape
+    d_in = w.shape[1]
     mask = torch.zeros_like(w, dtype=torch.bool)  # True = kept
     for start in range(0, d_in, COLUMN_BLOCK):
         end = min(start + COLUMN_BLOCK, d_in)

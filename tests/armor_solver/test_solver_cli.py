@@ -2,6 +2,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -25,7 +26,7 @@ def _prune(model_dir, out, text, *extra):
 def test_prune_then_eval_end_to_end(tmp_path, solver_model_dir, solver_text_file, capsys):
     out = str(tmp_path / "ckpt")
     assert _prune(solver_model_dir, out, solver_text_file, "--method", "armor", "--sweeps", "1") == 0
-    config = json.load(open(os.path.join(out, "config.json")))
+    config = json.loads(Path(os.path.join(out, "config.json")).read_text())
     solver = config["quantization_config"]["solver"]
     assert solver["method"] == "armor" and solver["extra"] == {"sweeps": 1}
     assert (solver["nsamples"], solver["seqlen"], solver["block_size"]) == (3, 32, 16)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from armor_solver import data
@@ -13,7 +15,7 @@ def test_wikipedia_split_is_disjoint_and_deterministic():
 
 def test_text_file_split_never_overlaps(solver_text_file, solver_tokenizer):
     corpus = data.load_text_file(solver_text_file)
-    text = open(solver_text_file, encoding="utf-8").read().strip()
+    text = Path(solver_text_file).read_text(encoding="utf-8").strip()
     calib, held = corpus.calibration[0], corpus.held_out[0]
     assert text.startswith(calib) and text.endswith(held)
     assert len(calib) + len(held) <= len(text)

@@ -1,18 +1,17 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from armor_solver import calibration, data
+from armor_solver import calibration, data, pipeline
 from armor_solver import methods as registry
-from armor_solver import pipeline
 from armor_solver.pipeline import PipelineError, PruneSettings, prune_model
 
 
-
 def settings(method="magnitude", **kw):
-    base = dict(model="tiny", method=method, nsamples=3, seqlen=24, block_size=16, text="t.txt")
+    base = {"model": "tiny", "method": method, "nsamples": 3, "seqlen": 24, "block_size": 16, "text": "t.txt"}
     return PruneSettings(**(base | kw))
 
 
@@ -38,7 +37,7 @@ def test_resume_skips_finished_blocks_and_matches_uninterrupted(tmp_path, monkey
     with pytest.raises(Interrupt):
         prune_model(solver_make_model(), None, settings(method), out_dir=out, calib_ids=ids, save=False,
                     on_block_done=_stop_after_block_0, log=lambda s: None)
-    progress = json.load(open(os.path.join(out, pipeline.PARTIAL, pipeline.PROGRESS)))
+    progress = json.loads(Path(os.path.join(out, pipeline.PARTIAL, pipeline.PROGRESS)).read_text())
     assert progress["done_blocks"] == [0]
 
     calls = []
@@ -118,7 +117,7 @@ def test_nan_statistics_stop_and_keep_finished_blocks(tmp_path, solver_make_mode
     out = str(tmp_path / "out")
     with pytest.raises(calibration.CalibrationError, match=r"layers\.1\.mlp\.gate_proj.*NaN or Inf"):
         prune_model(model, None, settings(), out_dir=out, calib_ids=calib_ids(), save=False, log=lambda s: None)
-    progress = json.load(open(os.path.join(out, pipeline.PARTIAL, pipeline.PROGRESS)))
+    progress = json.loads(Path(os.path.join(out, pipeline.PARTIAL, pipeline.PROGRESS)).read_text())
     assert progress["done_blocks"] == [0]
     assert os.path.isfile(os.path.join(out, pipeline.PARTIAL, "block_0000.safetensors"))
 
@@ -175,7 +174,7 @@ def test_saved_checkpoint_reloads_to_the_same_model(tmp_path, solver_make_model,
     reloaded = load_pretrained(out)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
-    solver = json.load(open(os.path.join(out, "config.json")))["quantization_config"]["solver"]
+    solver = json.loads(Path(os.path.join(out, "config.json")).read_text())["quantization_config"]["solver"]
     assert solver["method"] == "sparsegpt" and solver["propagation"] == "sequential"
     assert solver["per_layer"]["model.layers.0.self_attn.q_proj"]["proxy_loss"] == pytest.approx(
         result.layers["model.layers.0.self_attn.q_proj"]["proxy_loss"])

@@ -12,7 +12,7 @@ from armor_solver.pipeline import PruneSettings, prune_model
 @pytest.mark.slow
 def test_smollm2_block0_wanda_keeps_perplexity_sane():
     try:
-        model, tokenizer, source = models.load_model("smollm2-135m")
+        model, tokenizer, _ = models.load_model("smollm2-135m")
         corpus = data.load_corpus()
     except (models.ModelSpecError, data.CorpusError) as e:
         pytest.skip(f"bundled model or corpus not installed: {e}")
