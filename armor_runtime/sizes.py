@@ -64,18 +64,19 @@ def smollm2_gguf() -> tuple[str, str]:
 
 
 def load_smollm2(dtype=torch.bfloat16, cache: str | Path | None = "/tmp/armor_smollm2_dense"):
-    """(model, tokenizer) of SmolLM2-135M-Instruct as a plain dense model.
+    """(model, tokenizer) of SmolLM2-135M-Instruct as a plain dense model in ``dtype``.
 
-    Dequantizing the GGUF takes tens of seconds, so a dense copy is kept at
-    ``cache`` (a normal save_pretrained folder; None disables it).
+    Dequantizing the GGUF takes tens of seconds, so a float32 copy (what the
+    GGUF dequantizes to, before any cast) is kept at ``cache`` as a normal
+    save_pretrained folder; None disables it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = None if cache is None else Path(cache) / str(dtype).replace("torch.", "")
+    cache = None if cache is None else Path(cache) / "float32"
     if cache is not None and (cache / "config.json").is_file():
         return AutoModelForCausalLM.from_pretrained(cache, dtype=dtype).eval(), AutoTokenizer.from_pretrained(cache)
     folder, name = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)  # dequantized already: a plain dense model now
@@ -83,8 +84,11 @@ def load_smollm2(dtype=torch.bfloat16, cache: str | Path | None = "/tmp/armor_sm
         tmp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, cache) if not cache.exists() else shutil.rmtree(tmp)
-    return model, tokenizer
+        if cache.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, cache)
+    return model.to(dtype), tokenizer
 
 
 def nowag_p_weights(model: nn.Module, targets, block: int = 128, h: dict | None = None, dtype=None) -> dict:
