@@ -51,9 +51,10 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 def _install() -> None:
     if _REGISTRY_MODULE in sys.modules:
         register_with_transformers()
-    elif importlib.util.find_spec("transformers") is not None:
-        if not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-            sys.meta_path.insert(0, _RegisterAfterImport())
+    elif importlib.util.find_spec("transformers") is not None and not any(
+        isinstance(f, _RegisterAfterImport) for f in sys.meta_path
+    ):
+        sys.meta_path.insert(0, _RegisterAfterImport())
 
 
 _install()

@@ -22,10 +22,11 @@ class ConversionReport:
 
     def summary(self) -> str:
         ratio = self.armor_bytes / self.dense_bytes if self.dense_bytes else float("nan")
-        lines = [
+        head = (
             f"converted {len(self.converted)} linear layers: {self.dense_bytes / 2**20:.2f} MiB dense -> "
             f"{self.armor_bytes / 2**20:.2f} MiB ARMOR ({ratio:.3f}x)"
-        ]
+        )
+        lines = [head]
         lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 

@@ -168,7 +168,7 @@ def _read_headers(files: list[str]) -> dict[str, tuple[str, list[int], str]]:
             raise ArmorCheckpointError(f"{path}: ARMOR checkpoints are safetensors shards only")
         try:
             with safe_open(path, framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - safe_open handles are not iterable
                     s = f.get_slice(key)
                     out[key] = (path, list(s.get_shape()), s.get_dtype())
         except ArmorCheckpointError:

@@ -88,7 +88,7 @@ class ArmorLinear(nn.Module):
 
     # ---- construction -------------------------------------------------------
     @classmethod
-    def from_weights(cls, w: ArmorWeights, name: str = "") -> "ArmorLinear":
+    def from_weights(cls, w: ArmorWeights, name: str = "") -> ArmorLinear:
         """Wrap packed weights (validated, made contiguous; no dense copy is made)."""
         w.validate(name)
         layer = cls(

@@ -12,10 +12,11 @@ FAMILIES = ("llama", "qwen2", "qwen3")
 def tiny_config(family: str):
     import transformers
 
-    common = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
-    )
+    common = {
+        "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+    }
     if family == "llama":
         return transformers.LlamaConfig(**common)
     if family == "qwen2":

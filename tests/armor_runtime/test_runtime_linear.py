@@ -26,7 +26,7 @@ def test_forward_matches_materialized_weight_any_leading_dims(make_armor_weights
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes_and_inference_mode(make_armor_weights, dtype):
-    layer, w = _layer(make_armor_weights, dtype=dtype)
+    layer, _ = _layer(make_armor_weights, dtype=dtype)
     x = torch.randn(17, 64).to(dtype)
     with torch.inference_mode():
         y = layer(x)
@@ -51,7 +51,7 @@ def test_state_dict_holds_only_packed_tensors(make_armor_weights):
 def test_weight_access_raises_clearly(make_armor_weights):
     layer, _ = _layer(make_armor_weights)
     with pytest.raises(NoDenseWeightError, match="to_dense"):
-        layer.weight
+        _ = layer.weight
     assert isinstance(NoDenseWeightError("x"), AttributeError)
     assert not hasattr(layer, "weight")
     assert layer.in_features == 64 and layer.out_features == 48  # the nn.Linear attributes still work
