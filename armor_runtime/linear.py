@@ -29,6 +29,11 @@ class NoDenseWeightError(AttributeError):
     """
 
 
+def _prepare_after_load(module: ArmorLinear, _incompatible_keys) -> None:
+    # a module-level function (not a lambda) so that ArmorLinear models stay picklable
+    module.prepare()
+
+
 class ArmorLinear(nn.Module):
     """``y = ((x Bᵀ) Sᵀ) Aᵀ + bias`` with S 2:4 sparse and A, B block-diagonal.
 
@@ -84,7 +89,7 @@ class ArmorLinear(nn.Module):
         self.register_buffer("b", b)
         self.register_buffer("bias", torch.zeros(out_features, **fk) if bias else None)
         # layouts built by backends at load time, never in forward
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
+        self.register_load_state_dict_post_hook(_prepare_after_load)
 
     # ---- construction -------------------------------------------------------
     @classmethod

@@ -115,3 +115,19 @@ def test_torch_compile_fullgraph_matches_eager(make_armor_weights):
     eager = layer(x)
     compiled = torch.compile(layer, fullgraph=True)  # inductor on CPU: the custom op stays opaque
     torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+
+
+def test_load_state_dict_and_pickle_round_trip(make_armor_weights, tmp_path, monkeypatch):
+    layer, _ = _layer(make_armor_weights)
+    torch.save(layer, tmp_path / "layer.pt")  # whole-module pickling works (no lambdas held)
+    again = torch.load(tmp_path / "layer.pt", weights_only=False)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)
+    calls = []
+    monkeypatch.setattr(dispatch, "prepare", lambda *t: calls.append(1))
+    fresh = ArmorLinear(64, 48, block_out=16, block_in=16)
+    fresh.load_state_dict(layer.state_dict())
+    assert calls  # layouts rebuilt after loading
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="size mismatch for a"):
+        ArmorLinear(64, 48, block_out=24, block_in=16).load_state_dict(layer.state_dict())
