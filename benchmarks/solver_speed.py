@@ -71,8 +71,10 @@ def run_matrix(name: str, weight, stats, adam_iters: int, device: str, exact_min
         best_adam.append((t, best))
     adam_s = tr_adam[-1][0]
     log(f"{name}: adam {len(tr_adam) - 1} iters {adam_s:.1f}s loss {ad['proxy_loss']:.5f}")
-    marks = [m for m in MILESTONES if m < len(best_adam)] or [len(best_adam) - 1]  # short runs: the last one
-    targets = [(m, best_adam[m][1], best_adam[m][0]) for m in marks]
+    ran = len(best_adam) - 1
+    # a milestone past an early stop gets the stopped run's result (what that many iterations return)
+    marks = [m for m in MILESTONES if m <= adam_iters] or [ran]  # short runs: the last iteration
+    targets = [(m, best_adam[min(m, ran)][1], best_adam[min(m, ran)][0]) for m in marks]
     final = targets[-1][1]
     budget = max(exact_min, adam_s / 10)
     # sweeps until below the deepest target or out of budget (each sweep is checked once done)
@@ -84,7 +86,7 @@ def run_matrix(name: str, weight, stats, adam_iters: int, device: str, exact_min
         rows.append({
             "matrix": name, "shape": "x".join(map(str, weight.shape)), "device": device,
             "block_out": ex["block_out"], "block_in": ex["block_in"], "init_loss": f"{ex['init_loss']:.6f}",
-            "adam_iters": m, "adam_loss": f"{target:.6f}", "adam_s": f"{t_adam:.2f}",
+            "adam_iters": m, "adam_ran": min(m, ran), "adam_loss": f"{target:.6f}", "adam_s": f"{t_adam:.2f}",
             "exact_s": "" if t_ex is None else f"{t_ex:.2f}",
             "exact_sweeps": "" if t_ex is None else 1 + [t for t, _ in ex["trace"]].index(t_ex),
             "speedup": "" if t_ex is None else f"{t_adam / t_ex:.1f}",
@@ -108,12 +110,12 @@ def write(out: Path, rows, trace, meta: str):
         w.writerows([(m, s, f"{t:.4f}", f"{l:.7f}") for m, s, t, l in trace])
     lines = [
         "# ARMOR solver speed: time to reach the Adam schedule's loss", "", meta, "",
-        "| matrix | shape | device | Adam iters | Adam loss | Adam s | exact s | exact sweeps | speedup |",
+        "| matrix | shape | device | Adam iters (run) | Adam loss | Adam s | exact s | exact sweeps | speedup |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['matrix']} | {r['shape']} | {r['device']} | {r['adam_iters']} | {r['adam_loss']} | {r['adam_s']} | "
+            f"| {r['matrix']} | {r['shape']} | {r['device']} | {r['adam_iters']} ({r['adam_ran']}) | {r['adam_loss']} | {r['adam_s']} | "
             f"{r['exact_s'] or 'not reached'} | {r['exact_sweeps']} | {r['speedup'] or '-'} |"
         )
     lines += ["", "Throughput (seconds per million weights):", "",

@@ -70,34 +70,35 @@ def solve_b(prob: Problem, a: torch.Tensor, s: torch.Tensor):
 
 
 def solve_values(prob: Problem, a, s, b, mask, steps: int = CG_STEPS):
-    """Warm-started PCG on the kept values; returns (S, dense residual RHS − P S Q, P, Q, RHS)."""
+    """Warm-started PCG on the kept values; returns (S, dense residual RHS − P S Q, P, Q).
+
+    In-place updates keep the temporaries to a handful of matrices the size of W.
+    """
     p, q = prob.p_q(a, b)
-    rhs = prob.core_rhs(a, b)
-    maskf = mask.float()
-    x = s * maskf
-    res = rhs - left(p, right(x, q))  # dense: −½ gradient of the numerator
-    precond = torch.outer(torch.diagonal(p, dim1=1, dim2=2).reshape(-1), torch.diagonal(q, dim1=1, dim2=2).reshape(-1))
-    precond = torch.where(mask, precond.clamp_min(1e-30), torch.ones_like(precond))
-    r = res * maskf
-    z = r / precond
-    d = z
-    rz = float((r * z).sum())
+    x = s * mask
+    res = prob.core_rhs(a, b)
+    res -= left(p, right(x, q))  # dense: −½ gradient of the numerator
+    # Jacobi preconditioner diag(P) ⊗ diag(Q), inverted and zero off the mask (so z is masked too)
+    inv_pre = torch.outer(torch.diagonal(p, dim1=1, dim2=2).reshape(-1), torch.diagonal(q, dim1=1, dim2=2).reshape(-1))
+    inv_pre.clamp_min_(1e-30).reciprocal_().mul_(mask)
+    d = res * inv_pre
+    rz = float(torch.dot(res.reshape(-1), d.reshape(-1)))
     for _ in range(steps):
-        if rz <= 0:
+        if not rz > 0:
             break
         ad = left(p, right(d, q))
-        dad = float((d * ad).sum())
+        dad = float(torch.dot(d.reshape(-1), ad.reshape(-1)))
         if not dad > 0:
             break
         step = rz / dad
-        x = x + step * d
-        res = res - step * ad
-        r = res * maskf
-        z = r / precond
-        rz_new = float((r * z).sum())
-        d = z + (rz_new / rz) * d
+        x.add_(d, alpha=step)
+        res.sub_(ad, alpha=step)
+        del ad
+        z = res * inv_pre
+        rz_new = float(torch.dot(res.reshape(-1), z.reshape(-1)))
+        d = z.add_(d, alpha=rz_new / rz)
         rz = rz_new
-    return x, res, p, q, rhs
+    return x, res, p, q
 
 
 def _extrapolate(prob: Problem, prev, cur, loss: float, gamma: float):
@@ -141,7 +142,7 @@ def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_b
         l_new = prob.loss_of(right(d, b_new))
         if l_new <= loss:
             b, loss = b_new, l_new
-        s_new, res, p, q, _ = solve_values(prob, a, s, b, mask, cg_steps)
+        s_new, res, p, q = solve_values(prob, a, s, b, mask, cg_steps)
         s_try, mask_try = s_new.clone(), mask.clone()
         if support_every and sweep % support_every == 0:
             sparse_step.greedy_step(prob, s_try, mask_try, -2.0 * res, p, q)
