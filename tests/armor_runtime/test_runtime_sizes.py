@@ -1,0 +1,48 @@
+"""Byte accounting: the 2:4 core is 9/16 of dense; wrappers add 2·(b_out·d_out + b_in·d_in) bytes."""
+
+import pytest
+import torch
+from torch import nn
+
+from armor_kernels import sparse24
+from armor_runtime.linear import ArmorLinear
+from armor_runtime.sizes import layer_bytes, model_layer_bytes, nowag_p_weights
+
+
+@pytest.mark.parametrize("d_out,d_in,bo,bi", [(576, 576, 96, 96), (1536, 576, 128, 96), (576, 1536, 96, 128),
+                                              (192, 576, 96, 96), (48, 20, 16, 20)])
+def test_layer_bytes_match_real_buffers(d_out, d_in, bo, bi):
+    sizes = layer_bytes(d_out, d_in, bo, bi, elem=2)
+    layer = ArmorLinear(d_in, d_out, bias=False, block_out=bo, block_in=bi, dtype=torch.bfloat16)
+    real = {k: t.nbytes for k, t in layer.state_dict().items()}
+    assert sizes["armor_core"] == real["values"] + real["meta"]
+    assert sizes["armor_wrappers"] == real["a"] + real["b"] == 2 * (bo * d_out + bi * d_in)
+    assert sizes["dense"] == 2 * d_out * d_in
+    if d_in % 8 == 0:  # no padding nibble: values + metadata are exactly 9/16 of dense
+        assert sizes["plain24"] * 16 == sizes["dense"] * 9
+    else:
+        assert sizes["plain24"] * 16 > sizes["dense"] * 9
+
+
+def test_model_layer_bytes_sums():
+    layers = {"x": (64, 64, 32, 32), "y": (32, 64, 16, 32)}
+    total = model_layer_bytes(layers)
+    assert total["dense"] == 2 * (64 * 64 + 32 * 64)
+    assert total["armor"] == total["armor_core"] + total["armor_wrappers"]
+
+
+def test_nowag_p_weights_keep_the_top_scaled_entries():
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("up_proj", nn.Linear(24, 48))
+    model.add_module("lm_head", nn.Linear(48, 24))
+    weights = nowag_p_weights(model, ("up_proj", "lm_head"), block=16)
+    assert set(weights) == {"up_proj"}  # lm_head never pruned
+    w = weights["up_proj"]
+    assert (w.block_out, w.block_in) == (16, 12)
+    eye = torch.eye(16).expand(3, 16, 16)
+    assert torch.equal(w.a, eye) and torch.equal(w.bias, model.up_proj.bias.detach())
+    weight = model.up_proj.weight.detach()
+    expected = sparse24.topk_mask((weight / (weight.norm(dim=0) + 1e-5)).square())
+    assert torch.equal(sparse24.dense_mask(w.meta, 24), expected)
+    torch.testing.assert_close(w.core(), weight * expected, rtol=0, atol=0)
