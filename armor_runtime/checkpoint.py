@@ -81,6 +81,25 @@ def _edit_config(folder: Path, update: dict, remove: tuple[str, ...] = ()) -> No
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _drop_foreign_quantizer(model) -> None:
+    """A model loaded from GGUF keeps transformers' gguf quantizer although its weights are dequantized;
+    transformers refuses to save such a model, so the stale quantizer is removed. Other methods raise."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return
+    qm = getattr(quantizer.quantization_config, "quant_method", "")
+    method = getattr(qm, "value", qm)  # transformers' methods are str enums
+    if method == QUANT_METHOD:
+        return
+    if method == "gguf":
+        quantizer.remove_quantization_config(model)
+        return
+    raise ValueError(
+        f"model: its non-pruned layers are quantized with {method!r}; an ARMOR checkpoint stores them "
+        "dense (load the model unquantized before pruning)"
+    )
+
+
 def save_pretrained(
     model,
     out_dir,
@@ -95,6 +114,7 @@ def save_pretrained(
     """
     out = Path(out_dir).resolve()
     qc = quantization_config(model, solver_settings)
+    _drop_foreign_quantizer(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -264,3 +264,17 @@ def test_save_is_atomic_and_replaces(make_converted, tmp_path):
 
         save_pretrained(transformers.AutoModelForCausalLM.from_config(model.config), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_gguf_loaded_model_saves_after_dropping_the_stale_quantizer(make_converted, tmp_path):
+    from transformers import GgufConfig
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+
+    model, _ = make_converted("llama")
+    quantizer = GgufHfQuantizer(GgufConfig(), pre_quantized=True)  # what a gguf_file= load leaves behind
+    model.hf_quantizer = quantizer
+    model.config.quantization_config = quantizer.quantization_config
+    out = _save(model, tmp_path / "ckpt")
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "armor"
+    assert getattr(model, "hf_quantizer", None) is None
+    assert isinstance(load_pretrained(out).model.layers[0].mlp.up_proj, ArmorLinear)
