@@ -44,9 +44,15 @@ def tiny_model(family: str = "llama", hidden: int = 64, layers: int = 2, max_pos
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[family]
-    if family == "qwen3":
+    if family in ("qwen3", "gemma3"):
         common["head_dim"] = hidden // 4
+    if family in ("mistral", "gemma3"):
+        common["sliding_window"] = 8  # shorter than the test sequences, so the masks differ per block
+    if family == "gemma3":
+        common["layer_types"] = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)
     torch.manual_seed(seed)
     return model_cls(config_cls(**common)).eval()
 

@@ -19,7 +19,7 @@ def direct_inputs(model, ids):
     return {n: torch.cat(v) for n, v in seen.items()}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3"])
 def test_layerwise_stats_equal_a_direct_forward(family, solver_make_model):
     model = solver_make_model(family)
     ids = torch.randint(0, 256, (5, 24), generator=torch.Generator().manual_seed(2))
