@@ -32,6 +32,11 @@ def add_arguments(parser) -> None:
                         help="statistics of the dense model, or through the already-pruned blocks (default: as the method was published)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and saved in")
     parser.set_defaults(_accepts_unknown=True)
+    parser.epilog = (
+        "Other --name value options go to the method (PruneConfig.extra), e.g. for ARMOR: "
+        "--solver exact|adam, --sweeps N, --time-budget SECONDS (per layer), --cg-steps N, --lr, --seed. "
+        "Rerunning the same command after a crash or Ctrl-C resumes after the last finished block."
+    )
 
 
 def _coerce(value: str):
