@@ -131,3 +131,25 @@ def test_load_state_dict_and_pickle_round_trip(make_armor_weights, tmp_path, mon
     torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="size mismatch for a"):
         ArmorLinear(64, 48, block_out=24, block_in=16).load_state_dict(layer.state_dict())
+
+
+def test_runtime_imports_without_transformers():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = (
+        "import sys\n"
+        "sys.modules['transformers'] = None  # as if it were not installed\n"
+        "import armor_runtime\n"
+        "from armor_runtime.convert import convert_model\n"
+        "from armor_runtime.linear import ArmorLinear\n"
+        "import torch\n"
+        "print(armor_runtime.register_with_transformers(), ArmorLinear(8, 8)(torch.ones(1, 8)).shape)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False torch.Size([1, 8])"
