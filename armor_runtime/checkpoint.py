@@ -50,6 +50,9 @@ def quantization_config(model: nn.Module, solver_settings: dict | None = None) -
     ignore = sorted(
         name for name, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(name, targets)
     )
+    if solver_settings is None:  # re-saving a loaded checkpoint keeps the record of how it was pruned
+        old = getattr(getattr(model, "config", None), "quantization_config", None)
+        solver_settings = old.get("solver") if isinstance(old, dict) else getattr(old, "solver", None)
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,

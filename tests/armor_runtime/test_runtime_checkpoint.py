@@ -54,6 +54,9 @@ def test_reload_gives_identical_logits(family, dtype, make_converted, input_ids,
         after = reloaded(input_ids).logits
     assert after.dtype == before.dtype
     torch.testing.assert_close(after, before, rtol=0, atol=0)
+    if family == "qwen3":  # re-saving the loaded model keeps the solver record
+        again = save_pretrained(reloaded, tmp_path / "again", max_shard_size=SHARD)
+        assert json.loads((again / "config.json").read_text())["quantization_config"]["solver"] == qc["solver"]
     for name, m in armor_layers(model).items():  # bit-exact round trip of every packed tensor
         for key, t in m.state_dict().items():
             assert torch.equal(t, reloaded.get_submodule(name).state_dict()[key]), f"{name}.{key}"
