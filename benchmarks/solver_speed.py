@@ -85,8 +85,8 @@ def run_matrix(name: str, weight, stats, adam_iters: int, device: str, exact_min
         t_ex = time_to(ex["trace"], target)
         rows.append({
             "matrix": name, "shape": "x".join(map(str, weight.shape)), "device": device,
-            "block_out": ex["block_out"], "block_in": ex["block_in"], "init_loss": f"{ex['init_loss']:.6f}",
-            "adam_iters": m, "adam_ran": min(m, ran), "adam_loss": f"{target:.6f}", "adam_s": f"{t_adam:.2f}",
+            "block_out": ex["block_out"], "block_in": ex["block_in"], "init_loss": f"{ex['init_loss']:.4e}",
+            "adam_iters": m, "adam_ran": min(m, ran), "adam_loss": f"{target:.4e}", "adam_s": f"{t_adam:.2f}",
             "exact_s": "" if t_ex is None else f"{t_ex:.2f}",
             "exact_sweeps": "" if t_ex is None else 1 + [t for t, _ in ex["trace"]].index(t_ex),
             "speedup": "" if t_ex is None else f"{t_adam / t_ex:.1f}",
@@ -107,7 +107,7 @@ def write(out: Path, rows, trace, meta: str):
     with open(out / "solver_speed_trace.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["matrix", "solver", "seconds", "loss"])
-        w.writerows([(m, s, f"{t:.4f}", f"{l:.7f}") for m, s, t, l in trace])
+        w.writerows([(m, s, f"{t:.4f}", f"{l:.4e}") for m, s, t, l in trace])
     lines = [
         "# ARMOR solver speed: time to reach the Adam schedule's loss", "", meta, "",
         "| matrix | shape | device | Adam iters (run) | Adam loss | Adam s | exact s | exact sweeps | speedup |",

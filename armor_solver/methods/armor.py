@@ -16,7 +16,7 @@
 
 Options (``cfg.extra``, as set by the CLI):
 - ``solver``: ``"exact"`` | ``"adam"`` (``--solver``).
-- ``sweeps``: exact sweeps (``--sweeps``; default ``cfg.iters`` or 20). Stops early
+- ``sweeps``: exact sweeps (``--sweeps``; default ``cfg.iters`` or 8). Stops early
   when a sweep gains less than a relative 1e-6.
 - ``time_budget``: seconds per layer for either solver (``--time-budget``).
 - ``cg_steps``: CG steps on the kept values per exact sweep (default 3).
