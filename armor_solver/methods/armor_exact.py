@@ -136,10 +136,12 @@ def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_b
         start_loss = loss
         a_new, c = solve_a(prob, s, b)
         l_new = prob.loss_of(left(a_new, c))
+        del c
         if l_new <= loss:
             a, loss = a_new, l_new
         b_new, d = solve_b(prob, a, s)
         l_new = prob.loss_of(right(d, b_new))
+        del d
         if l_new <= loss:
             b, loss = b_new, l_new
         s_new, res, p, q = solve_values(prob, a, s, b, mask, cg_steps)

@@ -67,7 +67,9 @@ class Problem:
         return left(a, right(s, b))
 
     def loss_of(self, w_hat: torch.Tensor) -> float:
-        return float(((self.w - w_hat).square() * self.h).sum()) / self.denom
+        """Loss of a reconstruction; ``w_hat`` is consumed (overwritten by the weighted residual)."""
+        r = w_hat.sub_(self.w).square_()
+        return float(torch.mv(r, self.h).sum()) / self.denom
 
     def loss(self, a: torch.Tensor, s: torch.Tensor, b: torch.Tensor) -> float:
         return self.loss_of(self.w_hat(a, s, b))

@@ -192,7 +192,7 @@ def greedy_step(prob, s, mask, grad, p, q, tries: int = 3) -> float:
         delta = vals[rows, groups] - s.view(d_out, -1, 4)[rows, groups]
         dense = _delta_dense(s.shape, rows, groups, delta, s.device)
         pdq = left(p, right(dense, q))
-        change = float((grad * dense).sum() + (dense * pdq).sum())
+        change = float(torch.dot(grad.reshape(-1), dense.reshape(-1)) + torch.dot(dense.reshape(-1), pdq.reshape(-1)))
         if change < 0:
             apply_groups(s, mask, rows, groups, vals[rows, groups], keep[rows, groups], imp[rows, groups])
             grad.add_(pdq, alpha=2.0)
