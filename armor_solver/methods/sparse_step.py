@@ -153,7 +153,6 @@ def apply_groups(s, mask, rows, groups, vals, keep, improve):
 
 def sampled_step(prob, s, mask, grad, p, q, generator=None) -> float:
     """The paper's step: one sampled group per block pair, best of 6 supports. Returns the numerator decrease."""
-    d_out, d_in = s.shape
     rows, groups = sample_groups(grad, prob.bo, prob.bi, generator)
     alpha = torch.diagonal(p, dim1=1, dim2=2).reshape(-1)
     imp, vals, keep = selected_improvements(grad, s, alpha, diag_blocks4(q), rows, groups)

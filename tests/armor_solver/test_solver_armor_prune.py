@@ -1,5 +1,7 @@
 """ARMOR end to end: options, monotonicity, the NoWag-P guarantee, folding and packing."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def test_exact_sweeps_are_monotone_and_beat_nowag_p():
     res = armor.prune(w, st, PruneConfig(block_size=16, extra={"sweeps": 6}))
     info = res.info
     losses = [info["init_loss"]] + info["losses"]
-    assert all(b <= a for a, b in zip(losses, losses[1:]))
+    assert all(b <= a for a, b in itertools.pairwise(losses))
     assert info["proxy_loss"] == losses[-1] and info["iters"] == len(info["losses"]) <= 6
     assert info["init_loss"] == pytest.approx(nowag_p.prune(w, st).info["proxy_loss"], rel=1e-5)
     assert info["proxy_loss"] < 0.8 * info["init_loss"]
@@ -114,7 +116,7 @@ def test_fit_exact_rejects_nothing_it_should_keep():
     mask = nowag_mask(w_bar, st.cleaned_h())
     prob = Problem(w_bar * mask, st.cleaned_h(), 16, 16)
     a, b = prob.identity_wrappers()
-    *_, loss, trace = armor_exact.fit_exact(prob, a, prob.w.clone(), mask, b, sweeps=2)
+    *_, loss, _ = armor_exact.fit_exact(prob, a, prob.w.clone(), mask, b, sweeps=2)
     assert loss == pytest.approx(0.0, abs=1e-10)
 
 

@@ -6,6 +6,7 @@ real scale of the layer inputs without running the whole model.
 """
 
 import importlib.util
+import itertools
 import os
 
 import pytest
@@ -58,4 +59,4 @@ def test_armor_beats_nowag_p_on_real_matrices():
         assert res.info["proxy_loss"] <= base
         assert res.info["proxy_loss_deployed"] < 0.8 * base, name
         losses = [res.info["init_loss"]] + res.info["losses"]
-        assert all(b <= a for a, b in zip(losses, losses[1:]))
+        assert all(b <= a for a, b in itertools.pairwise(losses))

@@ -75,7 +75,7 @@ def test_value_solve_converges_to_masked_stationary_point_monotonically():
         x = armor_exact.solve_values(prob, a, s, b, mask, steps)[0]
         losses.append(prob.loss(a, x, b))
         assert bool((x[~mask] == 0).all())  # pruned entries stay pruned
-    assert all(l1 <= l0 * (1 + 1e-6) for l0, l1 in zip(losses, losses[1:]))
+    assert all(l1 <= l0 * (1 + 1e-6) for l0, l1 in itertools.pairwise(losses))
     x, res = armor_exact.solve_values(prob, a, s, b, mask, 200)[:2]
     grad = _grads(prob, a, x, b)[1]
     assert (grad * mask).norm() < 1e-3 * g_before
@@ -103,7 +103,7 @@ def _brute_group(prob, a, s, b, row, group):
 
 
 def test_group_step_matches_brute_force_and_predicts_exact_change():
-    prob, a, s, mask, b = _problem(3)
+    prob, a, s, _, b = _problem(3)
     p, q = prob.p_q(a, b)
     grad = prob.core_grad(s, p, q, prob.core_rhs(a, b))
     alpha = torch.diagonal(p, dim1=1, dim2=2).reshape(-1)
