@@ -173,29 +173,35 @@ def greedy_step(prob, s, mask, grad, p, q, tries: int = 3) -> float:
     (``Δnum = <grad, ΔS> + <ΔS, P ΔS Q>``); if it is not a decrease, the top half,
     then a quarter are tried; the fallback, the best group of each block pair, is
     exact by construction. Updates ``s``, ``mask`` and ``grad`` in place; returns
-    the numerator decrease.
+    the numerator decrease. Selections are boolean masks (no index lists), so the
+    step needs only a few temporaries the size of ``S``.
     """
     d_out, d_in = s.shape
     alpha = torch.diagonal(p, dim1=1, dim2=2).reshape(-1)
     qgg = diag_blocks4(q)
     imp, vals, keep = all_group_improvements(grad, s, alpha, qgg)
-    flat = imp.reshape(-1)
-    n_pos = int((flat > 0).sum())
+    s4, m4 = s.view(d_out, -1, 4), mask.view(d_out, -1, 4)
+    pos = imp > 0
+    n_pos = int(pos.sum())
     n_pairs = prob.no * prob.ni
     k = n_pos
     for _ in range(tries):
         if k <= n_pairs:
             break
-        top = torch.topk(flat, k).indices
-        rows, groups = top // (d_in // 4), top % (d_in // 4)
-        delta = vals[rows, groups] - s.view(d_out, -1, 4)[rows, groups]
-        dense = _delta_dense(s.shape, rows, groups, delta, s.device)
+        if k == n_pos:
+            sel = pos
+        else:  # the k largest improvements (ties may add a few)
+            sel = imp >= torch.kthvalue(imp.reshape(-1), imp.numel() - k + 1).values
+        sel4 = sel.unsqueeze(-1)
+        dense = (vals - s4).mul_(sel4).reshape(d_out, d_in)
         pdq = left(p, right(dense, q))
         change = float(torch.dot(grad.reshape(-1), dense.reshape(-1)) + torch.dot(dense.reshape(-1), pdq.reshape(-1)))
         if change < 0:
-            apply_groups(s, mask, rows, groups, vals[rows, groups], keep[rows, groups], imp[rows, groups])
+            s4.copy_(torch.where(sel4, vals, s4))
+            m4.copy_(torch.where(sel4, keep, m4))
             grad.add_(pdq, alpha=2.0)
             return -change
+        del dense, pdq
         k //= 2
     # fallback: the best group of each block pair (independent, exact)
     pv = _pair_view(imp, prob.bo, prob.bi)
