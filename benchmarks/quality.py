@@ -96,6 +96,17 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def relative_reduction(layers: dict) -> dict:
+    """Per-layer loss against the same layer's NoWag-P loss: mean of 1 - loss / nowag_p, and how many are not worse."""
+    pairs = [(v["proxy_loss"], v["nowag_p_loss"]) for v in layers.values() if v.get("nowag_p_loss")]
+    if not pairs:
+        return {"mean": None, "not_worse": 0, "layers": 0}
+    mean = sum(1 - loss / base for loss, base in pairs) / len(pairs)
+    # 1e-6 relative slack: the solver compares losses in fp32
+    not_worse = sum(loss <= base * (1 + 1e-6) for loss, base in pairs)
+    return {"mean": mean, "not_worse": not_worse, "layers": len(pairs)}
+
+
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -116,7 +127,8 @@ def main(argv=None) -> int:
     if "armor" in methods:
         say(describe_armor_budget(args))
 
-    rows = [{"method": "dense", "ppl": evaluate.perplexity(model, windows)["ppl"], "proxy_loss": None, "prune_s": None}]
+    rows = [{"method": "dense", "ppl": evaluate.perplexity(model, windows)["ppl"], "proxy_loss": None, "prune_s": None,
+             "rel_reduction_vs_nowag_p": None}]
     say(f"dense: ppl {rows[0]['ppl']:.3f}")
 
     dense_stats = None
@@ -137,8 +149,12 @@ def main(argv=None) -> int:
                              dense_stats=dense_stats, log=lambda s: None, save=False)
         materialize_into(pruned, result.weights)
         ppl = evaluate.perplexity(pruned, windows)["ppl"]
-        rows.append({"method": method, "ppl": ppl, "proxy_loss": result.mean_loss(), "prune_s": result.seconds})
-        say(f"{method}: ppl {ppl:.3f}, mean proxy loss {result.mean_loss():.4f}, {result.seconds:.0f} s")
+        reduction = relative_reduction(result.layers)
+        rows.append({"method": method, "ppl": ppl, "proxy_loss": result.mean_loss(), "prune_s": result.seconds,
+                     "rel_reduction_vs_nowag_p": reduction["mean"]})
+        say(f"{method}: ppl {ppl:.3f}, mean proxy loss {result.mean_loss():.4f}, {result.seconds:.0f} s; "
+            f"per layer vs NoWag-P: mean relative reduction {reduction['mean']:.1%}, "
+            f"{reduction['not_worse']}/{reduction['layers']} layers not worse")
         del pruned
 
     table = markdown(rows)
