@@ -39,12 +39,12 @@ import time
 
 import torch
 
-from armor_kernels import ArmorWeights, choose_block_size, reference
+from armor_kernels import ArmorWeights, choose_block_size, reference, sparse24
 
 from . import armor_adam, armor_exact
 from .armor_problem import Problem
 from .base import MethodResult, PruneConfig
-from .normalize import normalize, proxy_loss, stats_h
+from .normalize import normalize, stats_h
 from .nowag_p import nowag_mask
 
 SOLVERS = ("exact", "adam")
@@ -68,6 +68,26 @@ def _option(extra: dict, key: str, default, kind):
     return value
 
 
+def _pack(prob: Problem, a, s, mask, b, dtype) -> ArmorWeights:
+    """``ArmorWeights.from_factors`` row chunk by row chunk (values and meta are per row)."""
+    parts = [sparse24.compress(s[r0:r1].to(dtype), mask[r0:r1]) for r0, r1 in prob.chunks()]
+    w = ArmorWeights(a=a.to(dtype).contiguous(), values=torch.cat([v for v, _ in parts]),
+                     meta=torch.cat([m for _, m in parts]), b=b.to(dtype).contiguous(), bias=None)
+    w.validate()
+    return w
+
+
+def _deployed_loss(prob: Problem, packed: ArmorWeights, r, c) -> float:
+    """The proxy loss of the packed (cast) weights, ``normalize.proxy_loss`` per row chunk."""
+    dev, bo = prob.w.device, prob.bo
+    num = torch.empty(prob.w.shape[0], device=dev)
+    for r0, r1 in prob.chunks():
+        w_hat = reference.materialize(packed.a[r0 // bo:r1 // bo], packed.values[r0:r1], packed.meta[r0:r1], packed.b)
+        w_hat_bar = w_hat.to(device=dev, dtype=torch.float32) / c / r[r0:r1, None]
+        num[r0:r1] = ((prob.w[r0:r1] - w_hat_bar).square() * prob.h).sum(1)
+    return float(num.sum()) / prob.denom
+
+
 def prune(weight: torch.Tensor, stats, cfg: PruneConfig | None = None) -> MethodResult:
     cfg = cfg or PruneConfig()
     extra = dict(cfg.extra or {})
@@ -83,7 +103,7 @@ def prune(weight: torch.Tensor, stats, cfg: PruneConfig | None = None) -> Method
     h = h.to(device)
     bo, bi = block_sizes(*weight.shape, cfg.block_size)
     prob = Problem(w_bar, h, bo, bi)
-    mask = nowag_mask(w_bar, h)
+    mask = torch.cat([nowag_mask(w_bar[r0:r1], h) for r0, r1 in prob.chunks()])  # row-wise: chunks keep temporaries small
     s = w_bar * mask
     a, b = prob.identity_wrappers()
     init_loss = prob.loss(a, s, b)
@@ -108,11 +128,11 @@ def prune(weight: torch.Tensor, stats, cfg: PruneConfig | None = None) -> Method
     # fold the normalization: W_hat = diag(r) A S B diag(c)
     a = a * r.reshape(prob.no, bo, 1)
     b = b * c.reshape(prob.ni, 1, bi)
-    packed = ArmorWeights.from_factors(a, s, b, mask=mask, dtype=weight.dtype).to(weight.device)
-    w_hat = reference.materialize(packed.a, packed.values, packed.meta, packed.b)
+    packed = _pack(prob, a, s, mask, b, weight.dtype).to(weight.device)
+    del s, mask
     info = {
         "proxy_loss": loss,
-        "proxy_loss_deployed": proxy_loss(weight, w_hat.to(weight.device), h.to(weight.device)),
+        "proxy_loss_deployed": _deployed_loss(prob, packed, r, c),
         "init_loss": init_loss,
         "losses": losses,
         "trace": trace,

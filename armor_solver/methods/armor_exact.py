@@ -24,7 +24,7 @@ import time
 import torch
 
 from . import sparse_step
-from .armor_problem import Problem, left, right
+from .armor_problem import Problem, left, pxq, right
 
 LAMBDA = 1e-6
 CG_STEPS = 3
@@ -51,10 +51,15 @@ def _spd_solve(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 def solve_a(prob: Problem, s: torch.Tensor, b: torch.Tensor):
     """Closed-form output wrapper given S, B; returns (A, C = S·B)."""
-    c = right(s, b)
-    cv = c.reshape(prob.no, prob.bo, -1)
-    g = torch.bmm(cv * prob.h, cv.transpose(1, 2))
-    rhs = torch.bmm(prob.wh.reshape(prob.no, prob.bo, -1), cv.transpose(1, 2))
+    c = torch.empty_like(s)
+    g = s.new_empty(prob.no, prob.bo, prob.bo)
+    rhs = s.new_empty(prob.no, prob.bo, prob.bo)
+    for r0, r1 in prob.chunks():  # per output-block chunk: no full-size h-weighted copies
+        i0, i1 = r0 // prob.bo, r1 // prob.bo
+        c[r0:r1] = right(s[r0:r1], b)
+        cv = c[r0:r1].reshape(i1 - i0, prob.bo, -1)
+        torch.bmm(cv * prob.h, cv.transpose(1, 2), out=g[i0:i1])
+        torch.bmm(prob.wh(r0, r1).reshape(i1 - i0, prob.bo, -1), cv.transpose(1, 2), out=rhs[i0:i1])
     return _spd_solve(g, rhs.transpose(1, 2)).transpose(1, 2), c
 
 
@@ -69,36 +74,73 @@ def solve_b(prob: Problem, a: torch.Tensor, s: torch.Tensor):
     return _spd_solve(g, rhs), d
 
 
-def solve_values(prob: Problem, a, s, b, mask, steps: int = CG_STEPS):
+def solve_values(prob: Problem, a, s, b, mask, steps: int = CG_STEPS, inplace: bool = False):
     """Warm-started PCG on the kept values; returns (S, dense residual RHS − P S Q, P, Q).
 
-    In-place updates keep the temporaries to a handful of matrices the size of W.
+    Four matrices the size of W (x, residual, direction, P·d·Q which also holds the
+    preconditioned residual); the preconditioner is built per row chunk. With
+    ``inplace`` the masked ``s`` itself becomes x (saves a copy).
     """
     p, q = prob.p_q(a, b)
-    x = s * mask
+    x = s.masked_fill_(~mask, 0.0) if inplace else s * mask
     res = prob.core_rhs(a, b)
-    res -= left(p, right(x, q))  # dense: −½ gradient of the numerator
+    res -= pxq(p, x, q)  # dense: −½ gradient of the numerator
     # Jacobi preconditioner diag(P) ⊗ diag(Q), inverted and zero off the mask (so z is masked too)
-    inv_pre = torch.outer(torch.diagonal(p, dim1=1, dim2=2).reshape(-1), torch.diagonal(q, dim1=1, dim2=2).reshape(-1))
-    inv_pre.clamp_min_(1e-30).reciprocal_().mul_(mask)
-    d = res * inv_pre
+    dp, dq = torch.diagonal(p, dim1=1, dim2=2).reshape(-1), torch.diagonal(q, dim1=1, dim2=2).reshape(-1)
+
+    def precondition(out):
+        for r0, r1 in prob.chunks():
+            inv = torch.outer(dp[r0:r1], dq).clamp_min_(1e-30).reciprocal_().mul_(mask[r0:r1])
+            torch.mul(res[r0:r1], inv, out=out[r0:r1])
+        return out
+
+    d = precondition(torch.empty_like(res))
+    ad = torch.empty_like(res)
     rz = float(torch.dot(res.reshape(-1), d.reshape(-1)))
     for _ in range(steps):
         if not rz > 0:
             break
-        ad = left(p, right(d, q))
+        pxq(p, d, q, out=ad)
         dad = float(torch.dot(d.reshape(-1), ad.reshape(-1)))
         if not dad > 0:
             break
         step = rz / dad
         x.add_(d, alpha=step)
         res.sub_(ad, alpha=step)
-        del ad
-        z = res * inv_pre
+        z = precondition(ad)  # ad is spent: its buffer takes z
         rz_new = float(torch.dot(res.reshape(-1), z.reshape(-1)))
-        d = z.add_(d, alpha=rz_new / rz)
+        d, ad = z.add_(d, alpha=rz_new / rz), d
         rz = rz_new
+    del d, ad
     return x, res, p, q
+
+
+def _pack(prob: Problem, s: torch.Tensor, mask: torch.Tensor):
+    """A copy of ``s`` for a later restore: its kept values (half the size) when ``s`` is 2:4
+    on ``mask`` and zero elsewhere, else a dense clone. Keeps a reference to ``mask``."""
+    d_out, d_in = s.shape
+    vals = s.new_empty(d_out, d_in // 2)
+    for r0, r1 in prob.chunks():
+        sc, mc = s[r0:r1], mask[r0:r1]
+        if d_in % 2 or not bool((mc.sum(1) == d_in // 2).all()) or bool(sc.masked_select(~mc).any()):
+            return s.clone(), None
+        vals[r0:r1] = sc.masked_select(mc).view(r1 - r0, d_in // 2)
+    return vals, mask
+
+
+def _unpack_rows(packed, r0: int, r1: int) -> torch.Tensor:
+    vals, mask = packed
+    if mask is None:
+        return vals[r0:r1]
+    out = vals.new_zeros(r1 - r0, mask.shape[1])
+    return out.masked_scatter_(mask[r0:r1], vals[r0:r1])
+
+
+def _restore(prob: Problem, packed, out: torch.Tensor) -> torch.Tensor:
+    """Write the packed copy back into ``out`` (row chunk by row chunk)."""
+    for r0, r1 in prob.chunks():
+        out[r0:r1] = _unpack_rows(packed, r0, r1)
+    return out
 
 
 def _extrapolate(prob: Problem, prev, cur, loss: float, gamma: float):
@@ -106,16 +148,26 @@ def _extrapolate(prob: Problem, prev, cur, loss: float, gamma: float):
 
     Alternating updates of a product zig-zag; extrapolating the sweep's direction
     (accepted only if the loss drops) shortcuts that. γ grows by 1.5x after a
-    success and halves after a failure (between 0.125 and 4).
+    success and halves after a failure (between 0.125 and 4). ``prev`` holds S
+    packed (``_pack``); the new S is built per row chunk, first for the loss and,
+    if accepted, again in place of ``s`` (no second full-size S).
     """
     a, s, mask, b = cur
     a0, s0, b0 = prev
     a_x = a + gamma * (a - a0)
     b_x = b + gamma * (b - b0)
-    s_x = torch.where(mask, s + gamma * (s - s0), torch.zeros((), device=s.device))
-    l_x = prob.loss(a_x, s_x, b_x)
+    zero = torch.zeros((), device=s.device)
+
+    def s_x(r0, r1):
+        sc = s[r0:r1]
+        return torch.where(mask[r0:r1], sc + gamma * (sc - _unpack_rows(s0, r0, r1)), zero)
+
+    bo = prob.bo
+    l_x = prob._loss_rows(lambda r0, r1: left(a_x[r0 // bo:r1 // bo], right(s_x(r0, r1), b_x)))
     if l_x < loss:
-        return a_x, s_x, b_x, l_x, min(gamma * 1.5, GAMMA_MAX)
+        for r0, r1 in prob.chunks():
+            s[r0:r1] = s_x(r0, r1)
+        return a_x, s, b_x, l_x, min(gamma * 1.5, GAMMA_MAX)
     return a, s, b, loss, max(gamma * 0.5, GAMMA_MIN)
 
 
@@ -125,39 +177,57 @@ def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_b
     """Run exact sweeps from (A, S, mask, B); returns the best state and a trace.
 
     ``trace`` is a list of ``(seconds, loss)`` after each sweep; the state's loss
-    never exceeds the starting loss.
+    never exceeds the starting loss. ``s`` and ``mask`` are updated in place (their
+    storage is reused, so no second full-size S is needed).
     """
     t0 = time.perf_counter()
     loss = prob.loss(a, s, b)
-    trace, prev, gamma = [], None, GAMMA0
+    trace, gamma = [], GAMMA0
     for sweep in range(sweeps):
         if time_budget is not None and time.perf_counter() - t0 >= time_budget:
             break
         start_loss = loss
+        # the sweep's start: the fallback of the value step and the base of the extrapolation
+        a0, s0, b0 = a, _pack(prob, s, mask), b
         a_new, c = solve_a(prob, s, b)
-        l_new = prob.loss_of(left(a_new, c))
+        l_new = prob.loss_left(a_new, c)
         del c
         if l_new <= loss:
             a, loss = a_new, l_new
         b_new, d = solve_b(prob, a, s)
-        l_new = prob.loss_of(right(d, b_new))
+        l_new = prob.loss_right(d, b_new)
         del d
         if l_new <= loss:
             b, loss = b_new, l_new
-        s_new, res, p, q = solve_values(prob, a, s, b, mask, cg_steps)
-        s_try, mask_try = s_new.clone(), mask.clone()
+        # s itself becomes the new values (s0 keeps the start)
+        s_new, res, p, q = solve_values(prob, a, s, b, mask, cg_steps, inplace=True)
+        s = None
         if support_every and sweep % support_every == 0:
-            sparse_step.greedy_step(prob, s_try, mask_try, -2.0 * res, p, q)
-        l_new = prob.loss(a, s_try, b)
-        if l_new <= loss:
-            s, mask, loss = s_try, mask_try, l_new
-        else:  # rounding in the value or support step: keep the values step alone if it helped
+            # the support step edits s_new and mask in place; keep what a rejection restores
+            mask_keep = mask.clone()
+            s0 = (s0[0], mask_keep) if s0[1] is not None else s0
+            s_vals = _pack(prob, s_new, mask_keep)
+            sparse_step.greedy_step(prob, s_new, mask, res.mul_(-2.0), p, q)
+            del res
+            l_new = prob.loss(a, s_new, b)
+            if l_new <= loss:
+                s, loss = s_new, l_new
+            else:  # rounding in the value or support step: keep the values step alone if it helped
+                mask.copy_(mask_keep)
+                _restore(prob, s_vals, s_new)
+            del s_vals, mask_keep
+        else:
+            del res
+        if s is None:
             l_vals = prob.loss(a, s_new, b)
             if l_vals <= loss:
                 s, loss = s_new, l_vals
-        if extrapolate and prev is not None:
-            a, s, b, loss, gamma = _extrapolate(prob, prev, (a, s, mask, b), loss, gamma)
-        prev = (a, s, b)
+            else:
+                s = _restore(prob, s0, s_new)
+        del s_new
+        if extrapolate and sweep > 0:
+            a, s, b, loss, gamma = _extrapolate(prob, (a0, s0, b0), (a, s, mask, b), loss, gamma)
+        del s0
         trace.append((time.perf_counter() - t0, loss))
         if callback is not None:
             callback(sweep, loss)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .armor_problem import left, right
+from .armor_problem import left, pxq, right
 
 # the 6 two-of-four supports, in the order of ``armor_kernels.sparse24.PAIRS``
 _I0 = (0, 0, 0, 1, 1, 2)
@@ -31,6 +31,37 @@ def diag_blocks4(q: torch.Tensor) -> torch.Tensor:
     nb = bi // 4
     d = torch.diagonal(q.reshape(ni, nb, 4, nb, 4), dim1=1, dim2=3)  # [ni, 4, 4, nb]
     return d.permute(0, 3, 1, 2).reshape(ni * nb, 4, 4)
+
+
+def _best_pairs(beta, mpp, mqq, mpq, cur):
+    """Improvement, best pair index and its two values (``[..., 2]``) per group."""
+    i0 = torch.tensor(_I0, device=beta.device)
+    i1 = torch.tensor(_I1, device=beta.device)
+    bp, bq = beta[..., i0], beta[..., i1]
+    damp = DAMP * 0.5 * (mpp + mqq) + 1e-30
+    g00, g11 = mpp + damp, mqq + damp
+    det = (g00 * g11 - mpq * mpq).clamp_min(1e-30)
+    sp = (g11 * bp - mpq * bq) / det
+    sq = (g00 * bq - mpq * bp) / det
+    # the exact (undamped) decrease of f relative to an all-zero group
+    gain = 2 * (sp * bp + sq * bq) - (sp * sp * mpp + 2 * sp * sq * mpq + sq * sq * mqq)
+    gain = torch.where(torch.isfinite(gain), gain, torch.full_like(gain, -float("inf")))
+    best_gain, best = gain.max(-1)
+    b1 = best.unsqueeze(-1)
+    return best_gain - cur, best, torch.cat([sp.gather(-1, b1), sq.gather(-1, b1)], -1)
+
+
+def expand_pairs(best: torch.Tensor, pq: torch.Tensor):
+    """Pair index ``[...]`` and values ``[..., 2]`` -> (values ``[..., 4]``, keep ``[..., 4]``)."""
+    i0 = torch.tensor(_I0, device=pq.device)[best.long()].unsqueeze(-1)
+    i1 = torch.tensor(_I1, device=pq.device)[best.long()].unsqueeze(-1)
+    new = pq.new_zeros(*pq.shape[:-1], 4)
+    new.scatter_(-1, i0, pq[..., :1])
+    new.scatter_(-1, i1, pq[..., 1:])
+    keep = torch.zeros(new.shape, dtype=torch.bool, device=pq.device)
+    keep.scatter_(-1, i0, True)
+    keep.scatter_(-1, i1, True)
+    return new, keep
 
 
 def best_supports(beta, mpp, mqq, mpq, cur):
@@ -86,6 +117,27 @@ def selected_improvements(grad, s, alpha, qgg, rows, groups):
     d_out = s.shape[0]
     grad4, s4 = grad.reshape(d_out, -1, 4), s.reshape(d_out, -1, 4)
     return best_supports(*_terms(grad4[rows, groups], s4[rows, groups], alpha[rows], qgg[groups]))
+
+
+def all_group_pairs(grad, s, alpha, qgg, chunk_groups: int = 1 << 13):
+    """Best support for every group, compactly: (improvement ``[d_out, G]``, pair index
+    uint8 ``[d_out, G]``, the pair's values ``[d_out, G, 2]``): 0.56x the size of S.
+
+    Rows go in chunks of about ``chunk_groups`` groups so the ~30 temporaries of the
+    6-pair evaluation stay small (8,192 groups x 6 pairs: 192 KiB each).
+    """
+    d_out, d_in = s.shape
+    g = d_in // 4
+    chunk_rows = max(1, chunk_groups // g)
+    grad4, s4 = grad.reshape(d_out, g, 4), s.reshape(d_out, g, 4)
+    imp = torch.empty(d_out, g, device=s.device)
+    best = torch.empty(d_out, g, dtype=torch.uint8, device=s.device)
+    vals = torch.empty(d_out, g, 2, device=s.device)
+    for r0 in range(0, d_out, chunk_rows):
+        r1 = min(r0 + chunk_rows, d_out)
+        imp[r0:r1], best[r0:r1], vals[r0:r1] = _best_pairs(
+            *_terms(grad4[r0:r1], s4[r0:r1], alpha[r0:r1].reshape(-1, 1), qgg))
+    return imp, best, vals
 
 
 def all_group_improvements(grad, s, alpha, qgg, chunk_groups: int = 1 << 16):
@@ -173,18 +225,27 @@ def greedy_step(prob, s, mask, grad, p, q, tries: int = 3) -> float:
     (``Δnum = <grad, ΔS> + <ΔS, P ΔS Q>``); if it is not a decrease, the top half,
     then a quarter are tried; the fallback, the best group of each block pair, is
     exact by construction. Updates ``s``, ``mask`` and ``grad`` in place; returns
-    the numerator decrease. Selections are boolean masks (no index lists), so the
-    step needs only a few temporaries the size of ``S``.
+    the numerator decrease. Selections are boolean masks, candidates are kept as a
+    pair index and 2 values per group, and ΔS and ``P ΔS Q`` are built per row
+    chunk (``P`` is block-diagonal over rows), so the step needs about half a
+    matrix of its own beyond its inputs.
     """
     d_out, d_in = s.shape
+    bo = prob.bo
     alpha = torch.diagonal(p, dim1=1, dim2=2).reshape(-1)
     qgg = diag_blocks4(q)
-    imp, vals, keep = all_group_improvements(grad, s, alpha, qgg)
+    imp, best, pair_vals = all_group_pairs(grad, s, alpha, qgg)
     s4, m4 = s.view(d_out, -1, 4), mask.view(d_out, -1, 4)
     pos = imp > 0
     n_pos = int(pos.sum())
     n_pairs = prob.no * prob.ni
     k = n_pos
+
+    def delta_rows(sel, r0, r1):  # ΔS rows r0:r1 and the new values/keep there
+        vals, keep = expand_pairs(best[r0:r1], pair_vals[r0:r1])
+        sel4 = sel[r0:r1].unsqueeze(-1)
+        return (vals - s4[r0:r1]).mul_(sel4).reshape(r1 - r0, d_in), vals, keep, sel4
+
     for _ in range(tries):
         if k <= n_pairs:
             break
@@ -192,23 +253,27 @@ def greedy_step(prob, s, mask, grad, p, q, tries: int = 3) -> float:
             sel = pos
         else:  # the k largest improvements (ties may add a few)
             sel = imp >= torch.kthvalue(imp.reshape(-1), imp.numel() - k + 1).values
-        sel4 = sel.unsqueeze(-1)
-        dense = (vals - s4).mul_(sel4).reshape(d_out, d_in)
-        pdq = left(p, right(dense, q))
-        change = float(torch.dot(grad.reshape(-1), dense.reshape(-1)) + torch.dot(dense.reshape(-1), pdq.reshape(-1)))
+        change = torch.zeros(d_out, device=s.device)
+        for r0, r1 in prob.chunks():
+            dense = delta_rows(sel, r0, r1)[0]
+            pdq = left(p[r0 // bo:r1 // bo], right(dense, q))
+            change[r0:r1] = (grad[r0:r1] * dense).sum(1) + (dense * pdq).sum(1)
+        change = float(change.sum())
         if change < 0:
-            s4.copy_(torch.where(sel4, vals, s4))
-            m4.copy_(torch.where(sel4, keep, m4))
-            grad.add_(pdq, alpha=2.0)
+            for r0, r1 in prob.chunks():  # P ΔS Q again, now to update the gradient (cheaper than a full copy)
+                dense, vals, keep, sel4 = delta_rows(sel, r0, r1)
+                grad[r0:r1].add_(left(p[r0 // bo:r1 // bo], right(dense, q)), alpha=2.0)
+                s4[r0:r1] = torch.where(sel4, vals, s4[r0:r1])
+                m4[r0:r1] = torch.where(sel4, keep, m4[r0:r1])
             return -change
-        del dense, pdq
         k //= 2
     # fallback: the best group of each block pair (independent, exact)
     pv = _pair_view(imp, prob.bo, prob.bi)
-    best = pv.argmax(-1, keepdim=True)
-    rows, groups = pair_groups_to_index(best, prob.bo, prob.bi, d_in // 4)
-    rows, groups, delta, gained = apply_groups(s, mask, rows, groups, vals[rows, groups], keep[rows, groups], imp[rows, groups])
+    top = pv.argmax(-1, keepdim=True)
+    rows, groups = pair_groups_to_index(top, prob.bo, prob.bi, d_in // 4)
+    vals, keep = expand_pairs(best[rows, groups], pair_vals[rows, groups])
+    rows, groups, delta, gained = apply_groups(s, mask, rows, groups, vals, keep, imp[rows, groups])
     if rows.numel():
         dense = _delta_dense(s.shape, rows, groups, delta, s.device)
-        grad.add_(left(p, right(dense, q)), alpha=2.0)
+        grad.add_(pxq(p, dense, q), alpha=2.0)
     return gained

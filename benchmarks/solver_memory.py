@@ -1,0 +1,75 @@
+"""Peak memory of the exact ARMOR solver on one matrix, as a multiple of its fp32 size.
+
+Each run is a fresh subprocess (1 torch thread) that builds a random ``d_out x d_in``
+fp32 weight and ``h = exp(randn)``, then prunes it with the default exact solver
+(block 128) for ``--sweeps`` sweeps. Peak RSS growth is ``ru_maxrss`` after the
+prune minus ``ru_maxrss`` just before it (after a small warm-up prune, so
+code pages and thread pools do not count); ``MALLOC_MMAP_THRESHOLD_=131072`` makes
+glibc return freed large blocks to the OS, so the peak is the true high-water mark.
+
+    python3 -m benchmarks.solver_memory                      # 2048x2048, 3 sweeps, 2 runs
+    python3 -m benchmarks.solver_memory --shape 512 1024 --runs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, resource, sys, time
+import torch
+torch.set_num_threads(1)
+from armor_solver.methods import armor
+from armor_solver.methods.base import PruneConfig
+from armor_solver.stats import LayerStats
+
+d_out, d_in, sweeps = (int(v) for v in sys.argv[1:4])
+# warm-up on a small matrix: loads the kernels' code pages and thread pools, which
+# would otherwise count as growth (about 10-20 MiB, independent of the matrix)
+armor.prune(torch.randn(256, 512), LayerStats(h=torch.rand(512) + 0.5, n_tokens=1),
+            PruneConfig(block_size=128, extra={"solver": "exact", "sweeps": 3}))
+g = torch.Generator().manual_seed(0)
+w = torch.randn(d_out, d_in, generator=g)
+h = torch.exp(torch.randn(d_in, generator=g))
+stats = LayerStats(h=h, n_tokens=1)
+cfg = PruneConfig(block_size=128, iters=None, device="cpu", extra={"solver": "exact", "sweeps": sweeps})
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+t0 = time.perf_counter()
+res = armor.prune(w, stats, cfg)
+sec = time.perf_counter() - t0
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"peak_growth_bytes": (after - before) * 1024, "matrix_bytes": w.numel() * 4,
+                  "seconds": sec, "loss": res.info["proxy_loss"], "losses": res.info["losses"]}))
+"""
+
+
+def measure(d_out: int, d_in: int, sweeps: int) -> dict:
+    """One fresh-process measurement: peak RSS growth (bytes and multiple), seconds, losses."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", CHILD, str(d_out), str(d_in), str(sweeps)],
+                         env=env, capture_output=True, text=True, check=True)
+    rec = json.loads(out.stdout.strip().splitlines()[-1])
+    rec["multiple"] = rec["peak_growth_bytes"] / rec["matrix_bytes"]
+    return rec
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", type=int, nargs=2, default=(2048, 2048), metavar=("D_OUT", "D_IN"))
+    ap.add_argument("--sweeps", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=2)
+    args = ap.parse_args(argv)
+    for i in range(args.runs):
+        r = measure(*args.shape, args.sweeps)
+        print(f"run {i + 1}: {args.shape[0]}x{args.shape[1]}, {args.sweeps} sweeps: peak RSS growth "
+              f"{r['peak_growth_bytes'] / 2**20:.1f} MiB = {r['multiple']:.2f}x the fp32 matrix, "
+              f"{r['seconds']:.2f} s, loss {r['loss']:.9g}, losses {r['losses']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
