@@ -115,14 +115,19 @@ def solve_values(prob: Problem, a, s, b, mask, steps: int = CG_STEPS, inplace: b
     return x, res, p, q
 
 
-def _pack(prob: Problem, s: torch.Tensor, mask: torch.Tensor):
+def _pack(prob: Problem, s: torch.Tensor, mask: torch.Tensor, check_zeros: bool = True):
     """A copy of ``s`` for a later restore: its kept values (half the size) when ``s`` is 2:4
-    on ``mask`` and zero elsewhere, else a dense clone. Keeps a reference to ``mask``."""
+    on ``mask`` and zero elsewhere, else a dense clone. Keeps a reference to ``mask``.
+
+    ``check_zeros=False`` skips the zero check (~60 ms on 2048x2048) for an ``s``
+    that was masked by construction."""
     d_out, d_in = s.shape
     vals = s.new_empty(d_out, d_in // 2)
     for r0, r1 in prob.chunks():
         sc, mc = s[r0:r1], mask[r0:r1]
-        if d_in % 2 or not bool((mc.sum(1) == d_in // 2).all()) or bool(sc.masked_select(~mc).any()):
+        if d_in % 2 or not bool((mc.sum(1) == d_in // 2).all()):
+            return s.clone(), None
+        if check_zeros and bool(sc.masked_select(~mc).any()):
             return s.clone(), None
         vals[r0:r1] = sc.masked_select(mc).view(r1 - r0, d_in // 2)
     return vals, mask
@@ -188,7 +193,7 @@ def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_b
             break
         start_loss = loss
         # the sweep's start: the fallback of the value step and the base of the extrapolation
-        a0, s0, b0 = a, _pack(prob, s, mask), b
+        a0, s0, b0 = a, _pack(prob, s, mask, check_zeros=sweep == 0), b  # later S are masked
         a_new, c = solve_a(prob, s, b)
         l_new = prob.loss_left(a_new, c)
         del c
@@ -206,7 +211,7 @@ def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_b
             # the support step edits s_new and mask in place; keep what a rejection restores
             mask_keep = mask.clone()
             s0 = (s0[0], mask_keep) if s0[1] is not None else s0
-            s_vals = _pack(prob, s_new, mask_keep)
+            s_vals = _pack(prob, s_new, mask_keep, check_zeros=False)
             sparse_step.greedy_step(prob, s_new, mask, res.mul_(-2.0), p, q)
             del res
             l_new = prob.loss(a, s_new, b)
