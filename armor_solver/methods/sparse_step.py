@@ -72,26 +72,9 @@ def best_supports(beta, mpp, mqq, mpq, cur):
     relative to an all-zero group. Returns (improvement ``[...]`` over the current
     values, new values ``[..., 4]``, new keep-mask ``[..., 4]``).
     """
-    i0 = torch.tensor(_I0, device=beta.device)
-    i1 = torch.tensor(_I1, device=beta.device)
-    bp, bq = beta[..., i0], beta[..., i1]
-    damp = DAMP * 0.5 * (mpp + mqq) + 1e-30
-    g00, g11 = mpp + damp, mqq + damp
-    det = (g00 * g11 - mpq * mpq).clamp_min(1e-30)
-    sp = (g11 * bp - mpq * bq) / det
-    sq = (g00 * bq - mpq * bp) / det
-    # the exact (undamped) decrease of f relative to an all-zero group
-    gain = 2 * (sp * bp + sq * bq) - (sp * sp * mpp + 2 * sp * sq * mpq + sq * sq * mqq)
-    gain = torch.where(torch.isfinite(gain), gain, torch.full_like(gain, -float("inf")))
-    best_gain, best = gain.max(-1)
-    best = best.unsqueeze(-1)
-    new = torch.zeros_like(beta)
-    new.scatter_(-1, i0[best], sp.gather(-1, best))
-    new.scatter_(-1, i1[best], sq.gather(-1, best))
-    keep = torch.zeros_like(beta, dtype=torch.bool)
-    keep.scatter_(-1, i0[best], True)
-    keep.scatter_(-1, i1[best], True)
-    return best_gain - cur, new, keep
+    improvement, best, pair_values = _best_pairs(beta, mpp, mqq, mpq, cur)
+    new, keep = expand_pairs(best, pair_values)
+    return improvement, new, keep
 
 
 def _terms(grad4, s0, alpha, qgg):
