@@ -115,9 +115,17 @@ def save_pretrained(
     Everything goes to a temporary sibling directory first, which replaces
     ``out_dir`` only when complete.
     """
-    out = Path(out_dir).resolve()
     qc = quantization_config(model, solver_settings)
     _drop_foreign_quantizer(model)
+    return _save_atomically(
+        model, out_dir, tokenizer, max_shard_size,
+        lambda tmp: _edit_config(tmp, {"quantization_config": qc, "transformers_weights": UNLOADABLE_GUARD}),
+    )
+
+
+def _save_atomically(model, out_dir, tokenizer, max_shard_size, edit_config) -> Path:
+    """``save_pretrained`` into a temporary sibling, edit its config, then rename it into place."""
+    out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -125,7 +133,7 @@ def save_pretrained(
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _edit_config(tmp, {"quantization_config": qc, "transformers_weights": UNLOADABLE_GUARD})
+        edit_config(tmp)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,16 +179,7 @@ def export_dense(model, out_dir, tokenizer=None, max_shard_size: int | str = DEF
     for attr in ("quantization_config", "transformers_weights"):
         if hasattr(model.config, attr):
             delattr(model.config, attr)
-    out = Path(out_dir).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        _edit_config(tmp, {}, remove=("quantization_config", "transformers_weights"))
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return _save_atomically(
+        model, out_dir, tokenizer, max_shard_size,
+        lambda tmp: _edit_config(tmp, {}, remove=("quantization_config", "transformers_weights")),
+    )
