@@ -29,6 +29,7 @@ def test_armor_bench_forwards_to_the_script(smoke_csv):
 
 
 def test_plot_writes_one_panel_per_shape(smoke_csv, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the [plot] extra) is not installed")
     png = tmp_path / "s.png"
     assert plot.main(["--kernels", str(smoke_csv), "--png", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
