@@ -41,8 +41,8 @@ from .backends.base import DECODE_MAX_TOKENS, OPS, Backend, cusparselt_layout_en
 # backend may run; a backend missing from a row is never picked there automatically
 # (ARMOR_BACKEND can still force it). Device types without a row use "cpu"'s.
 #   cuda decode: the fused small-batch Triton kernels read values/meta at the memory
-#     bound; cuSPARSELt pads few-token products (0.11x dense at 1 token for 4096²), and
-#     our extension refuses them.
+#     bound. No cuSPARSELt: it pads few-token products (0.11x dense at 1 token for
+#     4096²), and a decode copy besides the prefill one would be a second copy.
 #   cuda medium/prefill: the 2:4 core on our extension (cuSPARSELt with a searched
 #     plan, or expand + cuBLAS without the opt-in layout), then PyTorch's cuSPARSELt
 #     (opt-in layout only); the wrappers on Triton.
@@ -50,7 +50,7 @@ from .backends.base import DECODE_MAX_TOKENS, OPS, Backend, cusparselt_layout_en
 #     the reference is disabled or triton is forced.
 SELECTION: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
-        "decode": ("triton", "torch_sparse", "reference"),
+        "decode": ("triton", "reference"),
         "medium": ("cuda_ext", "triton", "torch_sparse", "reference"),
         "prefill": ("cuda_ext", "triton", "torch_sparse", "reference"),
     },

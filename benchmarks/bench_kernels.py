@@ -5,14 +5,17 @@
 
 Providers (``--providers``, comma-separated, default all):
 - ``dense``: ``F.linear`` (cuBLAS on GPU);
-- ``cslt_search``: PyTorch's cuSPARSELt (``torch._cslt_sparse_mm``) with the algorithm
-  found by cuSPARSELt's search, once per shape and token count, outside the timed region;
+- ``cslt_search``: plain 2:4 through PyTorch's cuSPARSELt, by the library's wrapper
+  (``armor_kernels.backends.torch_sparse.matmul``) with the algorithm found by
+  cuSPARSELt's search, once per shape and token bucket, outside the timed region;
 - ``cslt_alg0``: the same with the default algorithm 0;
 - ``armor_<backend>``: ``armor_kernels.armor_linear`` with ``ARMOR_BACKEND=<backend>``
   (the public op, as the runtime calls it), one per backend module of ``armor_kernels.dispatch``;
   a backend that runs only the 2:4 core gets its wrappers from dispatch (the note says
   ``runs composite(...)``);
-- ``armor_auto``: the same op with dispatch's automatic choice (what ``ArmorLinear`` runs).
+- ``armor_auto``: the same op with dispatch's automatic choice (what ``ArmorLinear`` runs);
+- ``armor_<name>+cslt``: the same with ``ARMOR_CUSPARSELT_LAYOUT=1`` (each layer keeps
+  cuSPARSELt's compressed copy of its core; the ``layout_bytes`` column says how much).
 
 Every point writes one row per provider; a provider that cannot run writes status
 ``unavailable`` with the reason. On CPU only ``dense`` and ``armor_reference`` (the
@@ -29,126 +32,86 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from armor_kernels.backends import torch_sparse
 from benchmarks import common
+from benchmarks.common import Unavailable
 
 TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)
 SMOKE_TOKENS = (1, 16)
 PLAIN24 = ("cslt_search", "cslt_alg0")
 AUTO = "auto"  # armor_auto: dispatch's own choice, what ArmorLinear runs
+CSLT = "+cslt"  # armor_<name>+cslt: with ARMOR_CUSPARSELT_LAYOUT=1 (cuSPARSELt's copy of each core kept)
 
 COLUMNS = common.ENV_COLUMNS + [
     "model", "layer", "d_out", "d_in", "block_out", "block_in", "dtype", "tokens", "provider", "status", "reason",
     "median_ms", "tflops_dense_equiv", "tflops_actual", "gbps", "weight_bytes", "bytes_moved", "roofline_frac",
     "peak_tflops", "peak_gbps", "speedup_vs_dense", "speedup_vs_plain24", "plain24_ref", "max_rel_err", "timer",
-    "note",
+    "layout_bytes", "note",
 ]  # fmt: skip
 
 # An output further than this from the fp32 reference (max |err| / max |ref|) marks the row wrong_result.
 REL_ERR_LIMIT = 5e-2
 
 
-class Unavailable(Exception):
-    """The provider cannot run this point; the message is the reason."""
-
-
 # ---- providers --------------------------------------------------------------
 
 
 def armor_provider_names() -> list[str]:
-    """``armor_auto``, ``armor_<name>`` for each loaded backend, and for each backend module that failed to load."""
+    """``armor_auto`` (and ``+cslt``), ``armor_<name>`` for each loaded backend and each backend module
+    that failed to load, and ``+cslt`` for the backends that can keep cuSPARSELt's copy."""
     from armor_kernels import dispatch
 
-    names = [f"armor_{AUTO}"] + [f"armor_{b.name}" for b in dispatch.backends()]
+    names = [f"armor_{AUTO}", f"armor_{AUTO}{CSLT}"] + [f"armor_{b.name}" for b in dispatch.backends()]
     names += [f"armor_{m}" for m in dispatch.report()["load_errors"]]
+    names += [f"armor_{m}{CSLT}" for m in ("cuda_ext",) if f"armor_{m}" in names]
     return names
 
 
-def cslt_status() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "cuSPARSELt needs a CUDA GPU; this machine has none"
-    if not (hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()):
-        return False, "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
-    if torch.cuda.get_device_capability() < (8, 0):
-        return (
-            False,
-            f"2:4 sparse tensor cores need sm_80+, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}",
-        )
-    return True, ""
-
-
-def cslt_search(packed: torch.Tensor, dense: torch.Tensor) -> dict:
-    """Best algorithm for this product, feature-detected across PyTorch versions:
-    ``torch._C._cusparselt.mm_search`` (recent, returns a tuple) or ``torch._cslt_sparse_mm_search``."""
-    mod = getattr(torch._C, "_cusparselt", None)
-    if mod is not None and hasattr(mod, "mm_search"):
-        found = mod.mm_search(packed, dense, None, None, None, True)
-        how = "torch._C._cusparselt.mm_search"
-    elif hasattr(torch, "_cslt_sparse_mm_search"):
-        found = torch._cslt_sparse_mm_search(packed, dense, transpose_result=True)
-        how = "torch._cslt_sparse_mm_search"
-    else:
-        raise Unavailable("no cuSPARSELt algorithm search in this PyTorch")
-    if isinstance(found, (tuple, list)):
-        # (alg_id, split_k, split_k_mode or split_k_one_kernel, max_alg_id)
-        kw = {"alg_id": int(found[0])}
-        if len(found) > 1 and int(found[1]) != 1:
-            kw["split_k"] = int(found[1])
-            if len(found) > 2:
-                kw["split_k_one_kernel" if isinstance(found[2], bool) else "split_k_mode"] = found[2]
-        return {"kwargs": kw, "how": how}
-    return {"kwargs": {"alg_id": int(found)}, "how": how}
-
-
 def make_cslt(w24: torch.Tensor, x: torch.Tensor, search: bool):
-    """``y = x W24ᵀ`` through cuSPARSELt as PyTorch's own semi-structured linear does it:
-    ``(W · xᵀ)ᵀ`` with the result transposed by the kernel; tokens padded to a multiple of 8
-    (cuSPARSELt's minimum for the dense operand), the padding inside the timed call."""
-    ok, why = cslt_status()
+    """``y = x W24ᵀ`` through cuSPARSELt by the library's wrapper (tokens padded to a multiple of 8
+    inside the timed call, as PyTorch's own semi-structured linear does). Returns (fn, buffer
+    bytes, note); with ``search`` the algorithm is searched here, outside the timed region."""
+    ok, why = torch_sparse.status()
     if not ok:
         raise Unavailable(why)
-    packed = torch._cslt_compress(w24)
-    m = x.shape[0]
-    pad = (-m) % 8
+    packed = torch_sparse.compress(w24)
+    d_out, m = w24.shape[0], x.shape[0]
 
-    def call(**kw):
-        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-        y = torch._cslt_sparse_mm(packed, xp.t(), transpose_result=True, **kw)
-        return y[:m] if pad else y
+    def fn():
+        return torch_sparse.matmul(packed, x, d_out, search_alg=search)
 
-    note = f"tokens padded {m}->{m + pad}" if pad else ""
+    fn()  # the search (first call of its class)
+    pad = (-m) % torch_sparse.DENSE_MULTIPLE
+    notes = [f"tokens padded {m}->{m + pad}"] if pad else []
     if search:
-        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-        found = cslt_search(packed, xp.t())
-        kw = found["kwargs"]
-        try:
-            call(**kw)
-        except TypeError:  # split_k arguments this PyTorch does not take: keep the algorithm only
-            kw = {"alg_id": kw["alg_id"]}
-        note = ";".join(filter(None, [note, f"{found['how']} -> " + ",".join(f"{k}={v}" for k, v in kw.items())]))
-        return (lambda: call(**kw)), packed.nbytes, note
-    return (lambda: call(alg_id=0)), packed.nbytes, note
+        kwargs, how = torch_sparse.searched_for(x, d_out)
+        notes.append(f"{how} -> " + ",".join(f"{k}={v}" for k, v in kwargs.items()))
+    return fn, packed.nbytes, ";".join(notes)
 
 
 @contextlib.contextmanager
 def forced_backend(name: str):
-    """``ARMOR_BACKEND=name`` for the duration (``auto``: unset, automatic selection);
-    dispatch choices reset on entry and exit."""
+    """``ARMOR_BACKEND=name`` for the duration (``auto``: unset, automatic selection; a ``+cslt``
+    suffix adds ``ARMOR_CUSPARSELT_LAYOUT=1``); dispatch choices reset on entry and exit."""
     from armor_kernels import dispatch
 
-    old = os.environ.get("ARMOR_BACKEND")
-    if name == AUTO:
-        os.environ.pop("ARMOR_BACKEND", None)
-    else:
-        os.environ["ARMOR_BACKEND"] = name
-    dispatch.reset()
+    backend, cslt = (name[: -len(CSLT)], "1") if name.endswith(CSLT) else (name, None)
+    want = {"ARMOR_BACKEND": None if backend == AUTO else backend, "ARMOR_CUSPARSELT_LAYOUT": cslt}
+    old = {k: os.environ.get(k) for k in want}
+
+    def put(values):
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        dispatch.reset()
+
+    put(want)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("ARMOR_BACKEND", None)
-        else:
-            os.environ["ARMOR_BACKEND"] = old
-        dispatch.reset()
+        put(old)
 
 
 def armor_choice(name: str, x: torch.Tensor, w) -> str:
@@ -205,26 +168,26 @@ def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], 
                 flops_d, flops_s = 0, tokens * n * k  # 2·M·N·K/2 on the sparse core
                 ref = F.linear(x.float(), w24.float())
             elif prov.startswith("armor_"):
-                from armor_kernels import armor_linear, reference
+                from armor_kernels import armor_linear, dispatch, reference
 
                 name = prov[len("armor_") :]
                 chosen = armor_choice(name, x, w)
-                if name != "reference":
-                    from armor_kernels import dispatch
-
-                    dispatch.prepare(w.a, w.values, w.meta, w.b, w.bias)  # load-time layouts, untimed
                 if device.type == "cpu" and chosen == "reference":
                     row["note"] = "cpu reference"
-                elif chosen != name:
+                elif chosen != name.removesuffix(CSLT):
                     row["note"] = f"runs {chosen}"
                 wbytes = w.nbytes()["total"]
                 flops_d, flops_s = 2 * tokens * (b_in * k + b_out * n), tokens * n * k
                 ref = reference.armor_linear(x.float(), w.a.float(), w.values.float(), w.meta, w.b.float())
                 with forced_backend(name):
-                    y = armor_linear(x, w.a, w.values, w.meta, w.b, None)
-                    ms, timer = common.bench(
-                        lambda: armor_linear(x, w.a, w.values, w.meta, w.b, None), device, args.smoke, args.rep_ms
-                    )
+                    try:  # load-time layouts of what this provider runs, untimed, freed after
+                        row["layout_bytes"] = sum(dispatch.prepare(w.a, w.values, w.meta, w.b, None).values())
+                        y = armor_linear(x, w.a, w.values, w.meta, w.b, None)
+                        ms, timer = common.bench(
+                            lambda: armor_linear(x, w.a, w.values, w.meta, w.b, None), device, args.smoke, args.rep_ms
+                        )
+                    finally:
+                        dispatch.release(w.values)
                 fn = None
             else:
                 raise Unavailable(f"unknown provider {prov!r}")

@@ -58,6 +58,16 @@ SHAPES: list[tuple[str, str, int, int]] = [
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+class Unavailable(Exception):
+    """This row cannot be measured here; the message is the reason (written as status ``unavailable``)."""
+
+
+def reason(e: Exception) -> str:
+    """One line for a CSV's reason column: the message of an Unavailable, else the error's type and message."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return (text if isinstance(e, Unavailable) else f"{type(e).__name__}: {text}")[:300]
+
+
 def select_shapes(spec: str) -> list[tuple[str, str, int, int]]:
     """``all`` (every real model), ``model``, ``model:layer`` (substring) or ``NxK``, comma-separated."""
     out = []

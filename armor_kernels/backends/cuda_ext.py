@@ -47,7 +47,7 @@ class CudaExtBackend(Backend):
     def prepare(self, a, values, meta, b, bias) -> None:
         if not cusparselt_layout_enabled():
             self._cores.pop(values)  # the default path reads values/meta: no copy to keep
-        elif values.device.type == "cuda" and not cuda_ext.check_core_shapes(values, meta):
+        elif values.device.type in self.device_types and not cuda_ext.check_core_shapes(values, meta):
             self._core(values, meta)
 
     def release(self, values=None) -> None:

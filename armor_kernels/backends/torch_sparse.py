@@ -88,7 +88,7 @@ def search(packed: torch.Tensor, dense_t: torch.Tensor, bias: torch.Tensor | Non
         kwargs["split_k_mode"] = int(mode)
     elif mode is not None and "split_k_one_kernel" in names:
         kwargs["split_k_one_kernel"] = bool(mode)
-    return kwargs, f"{note}: {kwargs}"
+    return kwargs, note
 
 
 # (device, dtype, d_out, d_in, token bucket, has bias) -> _cslt_sparse_mm keyword arguments / how found
@@ -103,8 +103,20 @@ def _call(packed, dense_t, bias, key, kwargs):
         kwargs = {"alg_id": kwargs.get("alg_id", 0)}
         if key is not None:
             _searched[key] = kwargs
-            _notes[key] += "; split-k arguments not accepted, alg id only"
+            _notes[key] = _notes.get(key, "") + "; split-k arguments not accepted, alg id only"
         return torch._cslt_sparse_mm(packed, dense_t, bias=bias, transpose_result=True, **kwargs)
+
+
+def _class_key(x: torch.Tensor, d_out: int, has_bias: bool) -> tuple:
+    n = x.numel() // max(x.shape[-1], 1)
+    padded = n + (-n) % DENSE_MULTIPLE
+    return (x.device, x.dtype, d_out, x.shape[-1], next_power_of_two(padded), has_bias)
+
+
+def searched_for(x: torch.Tensor, d_out: int, has_bias: bool = False) -> tuple[dict, str]:
+    """(keyword arguments, how found) that ``matmul`` uses for inputs like ``x``; ({}, why) before its first call."""
+    key = _class_key(x, d_out, has_bias)
+    return _searched.get(key, {}), _notes.get(key, "not searched yet")
 
 
 def matmul(
@@ -125,7 +137,7 @@ def matmul(
     if not search_alg:
         y = torch._cslt_sparse_mm(packed, dense_t, bias=bias, transpose_result=True, alg_id=0)
     else:
-        key = (x.device, x.dtype, d_out, d_in, next_power_of_two(n + pad), bias is not None)
+        key = _class_key(x, d_out, bias is not None)
         if key not in _searched:
             if len(_searched) >= MAX_SEARCHED:
                 _searched.clear()
@@ -138,8 +150,10 @@ def matmul(
 def plans() -> dict[str, str]:
     """Searched algorithms so far: 'dtype d_out x d_in tokens<=N on device' -> how/what."""
     return {
-        f"{str(k[1]).replace('torch.', '')} {k[2]}x{k[3]} tokens<={k[4]}{' +bias' if k[5] else ''} on {k[0]}": v
-        for k, v in _notes.items()
+        f"{str(k[1]).replace('torch.', '')} {k[2]}x{k[3]} tokens<={k[4]}{' +bias' if k[5] else ''} on {k[0]}": (
+            f"{how}: {_searched.get(k, {})}"
+        )
+        for k, how in _notes.items()
     }
 
 
@@ -171,7 +185,7 @@ class TorchSparseBackend(Backend):
 
     # ---- layouts --------------------------------------------------------------------------
     def prepare(self, a, values, meta, b, bias) -> None:
-        if values.device.type == "cuda" and values.dtype in HALF_DTYPES:
+        if values.device.type in self.device_types and values.dtype in HALF_DTYPES:
             self._compressed(values, meta)
 
     def release(self, values=None) -> None:

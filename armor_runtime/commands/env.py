@@ -44,7 +44,10 @@ def collect(device: str | None = None, shape=(4096, 4096, 128)) -> dict:
         "env": {
             k: os.environ[k]
             for k in (
-                "ARMOR_BACKEND", "ARMOR_DISABLED_BACKENDS", "ARMOR_CUSPARSELT_LAYOUT", "ARMOR_CUSPARSELT_SEARCH",
+                "ARMOR_BACKEND",
+                "ARMOR_DISABLED_BACKENDS",
+                "ARMOR_CUSPARSELT_LAYOUT",
+                "ARMOR_CUSPARSELT_SEARCH",
                 "TRITON_INTERPRET",
             )  # fmt: skip
             if k in os.environ

@@ -27,9 +27,9 @@ def test_can_implement_rejects_cpu_tensors_and_other_ops():
     assert not ok and "no armor_linear" in why
 
 
-def test_comes_after_the_small_batch_kernel_for_decode_and_the_extension_for_prefill():
+def test_not_for_decode_and_after_the_extension_for_prefill():
     decode, prefill = dispatch.order("cuda", "decode"), dispatch.order("cuda", "prefill")
-    assert decode.index("triton") < decode.index("torch_sparse")
+    assert "torch_sparse" not in decode  # cuSPARSELt pads few-token products
     assert prefill.index("cuda_ext") < prefill.index("torch_sparse")
 
 
