@@ -281,7 +281,8 @@ def expand_into(values: torch.Tensor, meta: torch.Tensor, dense: torch.Tensor) -
     n, k = values.shape[0], 2 * values.shape[1]
     if tuple(dense.shape) != (n, k) or dense.dtype != values.dtype or not dense.is_contiguous():
         raise ValueError(f"cuda_ext.expand_into: dense must be contiguous [{n}, {k}] {values.dtype}")
-    _C.expand24(values.data_ptr(), meta.data_ptr(), dense.data_ptr(), n, k, _stream(values.device))
+    with torch.cuda.device(values.device):  # the launch goes to the current device
+        _C.expand24(values.data_ptr(), meta.data_ptr(), dense.data_ptr(), n, k, _stream(values.device))
     return dense
 
 
@@ -363,7 +364,7 @@ def _make_plan(problem: tuple, x2, core, out, alpha_ptr, alpha, stream) -> dict:
     if cfg is not None:
         try:
             info = dict(_C.plan(*problem, *(cfg[c] for c in CONFIG_KEYS)))
-            info["searched"] = True
+            info["searched"] = cfg["alg_id"] >= 0  # -1: the bucket's search failed, default kept
         except RuntimeError as e:  # the bucket's choice does not build for this count: the default does
             info = dict(_C.plan(*problem, *DEFAULT_CONFIG.values()))
             info["fallback"] = (
@@ -376,9 +377,14 @@ def _make_plan(problem: tuple, x2, core, out, alpha_ptr, alpha, stream) -> dict:
             if _capturing():  # the search times kernels and synchronizes: never inside a capture
                 info["search_pending"] = True
             else:
-                info = _search(problem, info, x2, core, out, alpha_ptr, alpha, stream, x2.device)
-                info["searched"] = True
-                _searched[bucket] = {c: int(info[c]) for c in CONFIG_KEYS}
+                try:
+                    info = _search(problem, info, x2, core, out, alpha_ptr, alpha, stream, x2.device)
+                    info["searched"] = True
+                    _searched[bucket] = {c: int(info[c]) for c in CONFIG_KEYS}
+                except RuntimeError as e:  # a failed search leaves the default algorithm, visibly, once
+                    info = dict(_C.plan(*problem, *DEFAULT_CONFIG.values()))
+                    info["fallback"] = f"the search failed ({str(e).splitlines()[0][:160]}); default algorithm"
+                    _searched[bucket] = dict(DEFAULT_CONFIG)
     info["bucket"] = bucket[4]
     _plans[problem] = info
     return info

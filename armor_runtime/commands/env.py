@@ -7,6 +7,13 @@ import json
 import platform
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+ENV_VARS = (
+    "ARMOR_BACKEND",
+    "ARMOR_DISABLED_BACKENDS",
+    "ARMOR_CUSPARSELT_LAYOUT",
+    "ARMOR_CUSPARSELT_SEARCH",
+    "TRITON_INTERPRET",
+)
 
 
 def add_arguments(parser) -> None:
@@ -41,17 +48,7 @@ def collect(device: str | None = None, shape=(4096, 4096, 128)) -> dict:
         "transformers": _version("transformers"),
         "cuda (torch built with)": torch.version.cuda or "none (CPU build)",
         "gpus": [],
-        "env": {
-            k: os.environ[k]
-            for k in (
-                "ARMOR_BACKEND",
-                "ARMOR_DISABLED_BACKENDS",
-                "ARMOR_CUSPARSELT_LAYOUT",
-                "ARMOR_CUSPARSELT_SEARCH",
-                "TRITON_INTERPRET",
-            )  # fmt: skip
-            if k in os.environ
-        },
+        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

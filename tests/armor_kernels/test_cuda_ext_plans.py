@@ -27,7 +27,8 @@ class StandInError(RuntimeError):
 class StandInC:
     """What ``armor_kernels._C`` does, minus the GPU: plans are dicts, matmul zero-fills ``out``."""
 
-    def __init__(self, workspace_by_alg=None, chosen=(2, 2), chosen_workspace=None, refuse=None):
+    def __init__(self, workspace_by_alg=None, chosen=(2, 2), chosen_workspace=None, refuse=None, search_fails=False):
+        self.search_fails = search_fails
         self.workspace_by_alg = workspace_by_alg or {0: 1000, 1: 3 << 20, 2: 500, 3: 2000}
         self.chosen = chosen  # (alg_id, split_k) the search picks
         self.chosen_workspace = chosen_workspace  # workspace the chosen configuration reports
@@ -36,7 +37,7 @@ class StandInC:
         self.plan_calls, self.searches, self.matmuls, self.cleared = [], [], [], 0
 
     def _info(self, problem, alg_id, split_k, mode, buffers):
-        device, dtype, n, k, tokens, bias, alpha_vector = problem
+        device, _dtype, n, k, tokens, bias, alpha_vector = problem
         alg = max(alg_id, 0)
         return {
             "device": device, "dtype": "float16", "n": n, "k": k, "tokens": tokens, "has_bias": bool(bias),
@@ -58,11 +59,15 @@ class StandInC:
             raise StandInError(f"alg {alg_id} does not build")
         return self.workspace_by_alg[alg_id]
 
-    def search(self, device, dtype, n, k, tokens, bias, alpha_vector, x, compressed, out, alpha_ptr, alpha, ws, size, s):
+    def search(
+        self, device, dtype, n, k, tokens, bias, alpha_vector, x, compressed, out, alpha_ptr, alpha, ws, size, s
+    ):
         problem = (device, dtype, n, k, tokens, bias, alpha_vector)
         info = self.plans[problem]  # the plan must exist
         assert size >= info["workspace"] and ws, "search workspace smaller than the plan's"
         self.searches.append((problem, size))
+        if self.search_fails:
+            raise StandInError("cusparseLtMatmulSearch failed: CUSPARSE_STATUS_EXECUTION_FAILED")
         alg, split = self.chosen
         info.update(alg_id=alg, split_k=split, split_k_mode=1, searched=True)
         info["workspace"] = self.chosen_workspace if self.chosen_workspace is not None else self.workspace_by_alg[alg]
@@ -199,3 +204,14 @@ def test_workspace_grows_geometrically_and_keeps_what_a_graph_may_use(stand_in):
     bigger = cuda_ext._workspace(torch.device("cpu"), 7, (1 << 20) + 1)
     assert bigger.numel() == 2 << 20 and cuda_ext._retired == [small]
     assert cuda_ext._workspace(torch.device("cpu"), 7, 100) is bigger
+
+
+def test_a_failed_search_leaves_the_default_algorithm_once(stand_in):
+    fake = stand_in(search_fails=True)
+    core = _core()
+    assert cuda_ext.sparse24_mm(_x(200), core).shape == (200, N)
+    cuda_ext.sparse24_mm(_x(232), core)  # same bucket: not searched again
+    assert len(fake.searches) == 1
+    plans = cuda_ext.cached_plans()
+    assert all(p["alg_id"] == 0 and not p.get("searched") for p in plans)
+    assert "search failed" in plans[0]["fallback"]

@@ -208,7 +208,7 @@ def test_shared_checks_name_the_rule():
         min_capability = (8, 0)
         dtypes = HALF_DTYPES
         one_dtype = True
-        max_tokens = {"sparse24_matmul": DECODE_MAX_TOKENS}
+        max_tokens = {"sparse24_matmul": DECODE_MAX_TOKENS}  # noqa: RUF012 - a test class, never mutated
 
     w = make()
     b = Gpu24()
