@@ -25,8 +25,6 @@ CPU runtime path, labelled "cpu reference") are timed unless named explicitly.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 
 import torch
@@ -89,29 +87,11 @@ def make_cslt(w24: torch.Tensor, x: torch.Tensor, search: bool):
     return fn, packed.nbytes, ";".join(notes)
 
 
-@contextlib.contextmanager
 def forced_backend(name: str):
     """``ARMOR_BACKEND=name`` for the duration (``auto``: unset, automatic selection; a ``+cslt``
     suffix adds ``ARMOR_CUSPARSELT_LAYOUT=1``); dispatch choices reset on entry and exit."""
-    from armor_kernels import dispatch
-
     backend, cslt = (name[: -len(CSLT)], "1") if name.endswith(CSLT) else (name, None)
-    want = {"ARMOR_BACKEND": None if backend == AUTO else backend, "ARMOR_CUSPARSELT_LAYOUT": cslt}
-    old = {k: os.environ.get(k) for k in want}
-
-    def put(values):
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        dispatch.reset()
-
-    put(want)
-    try:
-        yield
-    finally:
-        put(old)
+    return common.environment({"ARMOR_BACKEND": None if backend == AUTO else backend, "ARMOR_CUSPARSELT_LAYOUT": cslt})
 
 
 def armor_choice(name: str, x: torch.Tensor, w) -> str:
@@ -134,14 +114,70 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], args, roof, out, base: dict) -> list:
-    device, dtype_name = ctx["device"], ctx["dtype_name"]
-    dt = common.DTYPES[dtype_name]
+def _armor(prov: str, x: torch.Tensor, w, row: dict, device, args) -> tuple:
+    """(output, median ms, timer) of ``armor_linear`` as provider ``prov`` runs it; notes and the
+    layout bytes it holds go into ``row``. Layouts are built untimed, as at load, and freed after."""
+    from armor_kernels import armor_linear, dispatch
+
+    name = prov[len("armor_") :]
+    chosen = armor_choice(name, x, w)
+    if device.type == "cpu" and chosen == "reference":
+        row["note"] = "cpu reference"
+    elif chosen != name.removesuffix(CSLT):
+        row["note"] = f"runs {chosen}"
+    with forced_backend(name):
+        try:
+            row["layout_bytes"] = sum(dispatch.prepare(w.a, w.values, w.meta, w.b, None).values())
+            y = armor_linear(x, w.a, w.values, w.meta, w.b, None)
+            ms, timer = common.bench(
+                lambda: armor_linear(x, w.a, w.values, w.meta, w.b, None), device, args.smoke, args.rep_ms
+            )
+        finally:
+            dispatch.release(w.values)
+    return y, ms, timer
+
+
+def measure(prov: str, ctx: dict, x: torch.Tensor, row: dict, args) -> dict:
+    """The timing columns of one provider at one point (raises Unavailable when it cannot run)."""
+    from armor_kernels import reference
+
+    device, tokens = ctx["device"], x.shape[0]
     n, k = ctx["d_out"], ctx["d_in"]
     w, wd, w24 = ctx["armor"], ctx["dense"], ctx["w24"]
-    x = torch.randn(tokens, k, device=device).to(dt)
-    act_bytes = (tokens * k + tokens * n) * x.element_size()
-    b_in, b_out = w.block_in, w.block_out
+    ref = None
+    if prov == "dense":
+        fn, wbytes = (lambda: F.linear(x, wd)), wd.nbytes
+        flops_d, flops_s = 2 * tokens * n * k, 0
+    elif prov in PLAIN24:
+        fn, wbytes, row["note"] = make_cslt(w24, x, search=prov == "cslt_search")
+        flops_d, flops_s = 0, tokens * n * k  # 2·M·N·K/2 on the sparse core
+        ref = F.linear(x.float(), w24.float())
+    elif prov.startswith("armor_"):
+        fn, wbytes = None, w.nbytes()["total"]
+        flops_d, flops_s = 2 * tokens * (w.block_in * k + w.block_out * n), tokens * n * k
+        ref = reference.armor_linear(x.float(), w.a.float(), w.values.float(), w.meta, w.b.float())
+        y, ms, timer = _armor(prov, x, w, row, device, args)
+    else:
+        raise Unavailable(f"unknown provider {prov!r}")
+    if fn is not None:
+        y = fn()
+        ms, timer = common.bench(fn, device, args.smoke, args.rep_ms)
+    moved = wbytes + (tokens * k + tokens * n) * x.element_size()
+    roof, dtype_name = ctx["roof"], ctx["dtype_name"]
+    return {
+        "median_ms": ms, "timer": timer, "weight_bytes": wbytes, "bytes_moved": moved,
+        "max_rel_err": rel_err(y, ref) if ref is not None else 0.0,
+        "tflops_dense_equiv": 2 * tokens * n * k / (ms * 1e-3) / 1e12,
+        "tflops_actual": (flops_d + flops_s) / (ms * 1e-3) / 1e12,
+        "gbps": moved / (ms * 1e-3) / 1e9, "roofline_frac": roof.ideal_ms(dtype_name, flops_d, flops_s, moved) / ms,
+        "peak_tflops": roof.tflops[dtype_name], "peak_gbps": roof.gbps,
+    }  # fmt: skip
+
+
+def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], args, out, base: dict) -> list:
+    """One row per provider at ``tokens``; a provider that cannot run is a row with the reason."""
+    device = ctx["device"]
+    x = torch.randn(tokens, ctx["d_in"], device=device).to(common.DTYPES[ctx["dtype_name"]])
     rows = []
     for prov in providers:
         row = dict(base, tokens=tokens, provider=prov, status="ok", reason="", note="")
@@ -152,64 +188,17 @@ def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], 
                 and prov != "armor_reference"
                 and prov not in explicit
             ):
-                armor_choice(prov[len("armor_") :], x, w)  # unavailable beats skipped
-                row.update(
-                    status="skipped",
-                    reason="on CPU only the reference path is timed (name it in --providers to time it)",
-                )
-                rows.append(row)
-                continue
-            if prov == "dense":
-                fn, wbytes = (lambda: F.linear(x, wd)), wd.nbytes
-                flops_d, flops_s = 2 * tokens * n * k, 0
-                ref = None
-            elif prov in PLAIN24:
-                fn, wbytes, row["note"] = make_cslt(w24, x, search=prov == "cslt_search")
-                flops_d, flops_s = 0, tokens * n * k  # 2·M·N·K/2 on the sparse core
-                ref = F.linear(x.float(), w24.float())
-            elif prov.startswith("armor_"):
-                from armor_kernels import armor_linear, dispatch, reference
-
-                name = prov[len("armor_") :]
-                chosen = armor_choice(name, x, w)
-                if device.type == "cpu" and chosen == "reference":
-                    row["note"] = "cpu reference"
-                elif chosen != name.removesuffix(CSLT):
-                    row["note"] = f"runs {chosen}"
-                wbytes = w.nbytes()["total"]
-                flops_d, flops_s = 2 * tokens * (b_in * k + b_out * n), tokens * n * k
-                ref = reference.armor_linear(x.float(), w.a.float(), w.values.float(), w.meta, w.b.float())
-                with forced_backend(name):
-                    try:  # load-time layouts of what this provider runs, untimed, freed after
-                        row["layout_bytes"] = sum(dispatch.prepare(w.a, w.values, w.meta, w.b, None).values())
-                        y = armor_linear(x, w.a, w.values, w.meta, w.b, None)
-                        ms, timer = common.bench(
-                            lambda: armor_linear(x, w.a, w.values, w.meta, w.b, None), device, args.smoke, args.rep_ms
-                        )
-                    finally:
-                        dispatch.release(w.values)
-                fn = None
+                armor_choice(prov[len("armor_") :], x, ctx["armor"])  # unavailable beats skipped
+                row.update(status="skipped", reason="on CPU only the reference path is timed (name it in --providers)")
             else:
-                raise Unavailable(f"unknown provider {prov!r}")
-            if fn is not None:
-                y = fn()
-                ms, timer = common.bench(fn, device, args.smoke, args.rep_ms)
-            err = rel_err(y, ref) if ref is not None else 0.0
-            moved = wbytes + act_bytes
-            ideal = roof.ideal_ms(dtype_name, flops_d, flops_s, moved)
-            row.update(
-                median_ms=ms, timer=timer, weight_bytes=wbytes, bytes_moved=moved, max_rel_err=err,
-                tflops_dense_equiv=2 * tokens * n * k / (ms * 1e-3) / 1e12,
-                tflops_actual=(flops_d + flops_s) / (ms * 1e-3) / 1e12,
-                gbps=moved / (ms * 1e-3) / 1e9, roofline_frac=ideal / ms,
-                peak_tflops=roof.tflops[dtype_name], peak_gbps=roof.gbps,
-            )  # fmt: skip
-            if err > REL_ERR_LIMIT:
-                row.update(status="wrong_result", reason=f"max rel err {err:.3g} > {REL_ERR_LIMIT} vs fp32 reference")
+                row.update(measure(prov, ctx, x, row, args))
+                if row["max_rel_err"] > REL_ERR_LIMIT:
+                    row.update(status="wrong_result",
+                               reason=f"max rel err {row['max_rel_err']:.3g} > {REL_ERR_LIMIT} vs fp32 reference")  # fmt: skip
         except Unavailable as e:
             row.update(status="unavailable", reason=str(e))
         except Exception as e:  # noqa: BLE001 - a failing provider is a row, never the end of the run
-            row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            row.update(status="error", reason=common.reason(e))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
@@ -280,14 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         for model, layer, n, k in shapes:
             for dtype_name in dtypes:
                 dt = common.DTYPES[dtype_name]
-                ctx = {"device": device, "dtype_name": dtype_name, "d_out": n, "d_in": k}
+                ctx = {"device": device, "dtype_name": dtype_name, "d_out": n, "d_in": k, "roof": roof}
                 ctx["dense"] = (torch.randn(n, k, device=device) / k**0.5).to(dt)
                 ctx["w24"] = ctx["dense"] * common.random_24_mask(n, k, device)
                 ctx["armor"] = common.random_armor_weights(n, k, args.block_size, dt, device)
                 base = dict(env, model=model, layer=layer, d_out=n, d_in=k, dtype=dtype_name,
                             block_out=ctx["armor"].block_out, block_in=ctx["armor"].block_in)  # fmt: skip
                 for t in tokens:
-                    rows = run_point(ctx, t, providers, explicit, args, roof, out, base)
+                    rows = run_point(ctx, t, providers, explicit, args, out, base)
                     n_rows += len(rows)
                     print(summary_line(rows), flush=True)
                 del ctx

@@ -108,7 +108,7 @@ def check_row(cuda_ext, name, n, k, tokens, dtype, bench, make_cslt) -> tuple[di
     return row, all(e <= TOLERANCE[dtype] for e in errs)
 
 
-def _captured(fn, side) -> torch.Tensor:
+def _captured(fn, side) -> tuple:
     """``fn()`` captured into a CUDA graph on ``side`` after a warm-up there (as cuda_ext documents)."""
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -158,6 +158,37 @@ def check_epilogues(cuda_ext, dtype) -> list[str]:
     return fails
 
 
+COLS = ("shape", "tokens", "err_ext", "err_expand", "err_cslt", "err_torch_sparse", "ext_ms", "expand_ms",
+        "cslt_searched_ms", "cslt_default_ms", "dense_ms")  # fmt: skip
+
+
+def check_rows(cuda_ext, dname: str, args, bench, make_cslt) -> list[str]:
+    """One printed row per (shape, tokens), token-major, until ``--budget-s``; returns the failures."""
+    dtype = DTYPES[dname]
+    fails = []
+    print(f"\n{dname}: " + " | ".join(COLS) + " | ext/dense | plan", flush=True)
+    # token-major: every shape at the most telling token counts before the rest
+    cases = [(name, int(t)) for t in args.tokens.split(",") for name in args.shapes.split(",")]
+    for name, tokens in cases:
+        n, k = SHAPES[name]
+        if time.perf_counter() - T0 > args.budget_s:
+            print(f"{name} {tokens}: skipped (over --budget-s {args.budget_s:g})", flush=True)
+            continue
+        try:
+            row, good = check_row(cuda_ext, name, n, k, tokens, dtype, bench, make_cslt)
+        except Exception as e:  # noqa: BLE001 - report the row and go on
+            print(f"{name} {tokens}: ERROR {type(e).__name__}: {e}", flush=True)
+            fails.append(f"{name} {tokens}: {e}")
+            continue
+        if not good:
+            fails.append(f"{name} {tokens} {dname}: errors over {TOLERANCE[dtype]:g}")
+        cells = [f"{row.get(c, float('nan')):.3g}" if isinstance(row.get(c, 0.0), float) else str(row[c]) for c in COLS]
+        speed = f"{row['dense_ms'] / row['ext_ms']:.2f}x (expand {row['dense_ms'] / row['expand_ms']:.2f}x)"
+        extra = ("" if good else " | MISMATCH") + (f" | {row['note']}" if "note" in row else "")
+        print(" | ".join(cells) + f" | {speed} | {row['plan']}" + extra, flush=True)
+    return fails
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtypes", default="bf16")
@@ -167,7 +198,6 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=20.0, help="skip rows after this many seconds")
     p.add_argument("--no-build", action="store_true")
     args = p.parse_args(argv)
-    t0 = T0
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to check")
         return 2
@@ -184,48 +214,19 @@ def main(argv=None) -> int:
 
     print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | ext {cuda_ext.versions()}", flush=True)
     fails = []
-    cols = ("shape", "tokens", "err_ext", "err_expand", "err_cslt", "err_torch_sparse", "ext_ms", "expand_ms",
-            "cslt_searched_ms", "cslt_default_ms", "dense_ms")  # fmt: skip
     for dname in args.dtypes.split(","):
-        dtype = DTYPES[dname]
-        print(f"\n{dname}: " + " | ".join(cols) + " | ext/dense | plan", flush=True)
-        # token-major: every shape at the most telling token counts before the rest
-        cases = [(name, int(t)) for t in args.tokens.split(",") for name in args.shapes.split(",")]
-        for name, tokens in cases:
-            n, k = SHAPES[name]
-            if time.perf_counter() - t0 > args.budget_s:
-                print(f"{name} {tokens}: skipped (over --budget-s {args.budget_s:g})", flush=True)
-                continue
-            try:
-                row, good = check_row(cuda_ext, name, n, k, tokens, dtype, bench, make_cslt)
-            except Exception as e:  # noqa: BLE001 - report the row and go on
-                print(f"{name} {tokens}: ERROR {type(e).__name__}: {e}", flush=True)
-                fails.append(f"{name} {tokens}: {e}")
-                continue
-            if not good:
-                fails.append(f"{name} {tokens} {dname}: errors over {TOLERANCE[dtype]:g}")
-            cells = [
-                f"{row.get(c, float('nan')):.3g}" if isinstance(row.get(c, 0.0), float) else str(row[c]) for c in cols
-            ]
-            speed = row["dense_ms"] / row["ext_ms"]
-            print(
-                " | ".join(cells)
-                + f" | {speed:.2f}x (expand {row['dense_ms'] / row['expand_ms']:.2f}x) | {row['plan']}"
-                + ("" if good else " | MISMATCH")
-                + (f" | {row['note']}" if "note" in row else ""),
-                flush=True,
-            )
+        fails += check_rows(cuda_ext, dname, args, bench, make_cslt)
         if args.skip_epilogues:
             continue
         print(f"\n{dname} epilogues:", flush=True)
         try:
-            fails += check_epilogues(cuda_ext, dtype)
+            fails += check_epilogues(cuda_ext, DTYPES[dname])
         except Exception as e:  # noqa: BLE001
             fails.append(f"epilogues: {type(e).__name__}: {e}")
             print(f"  ERROR {type(e).__name__}: {e}")
     fallbacks = [p for p in cuda_ext.cached_plans() if p.get("fallback")]
     print(f"\n{len(cuda_ext.cached_plans())} plans cached ({len(fallbacks)} fell back to the default algorithm); "
-          f"workspaces {cuda_ext.workspace_bytes() / 2**20:.1f} MiB; {time.perf_counter() - t0:.1f}s")  # fmt: skip
+          f"workspaces {cuda_ext.workspace_bytes() / 2**20:.1f} MiB; {time.perf_counter() - T0:.1f}s")  # fmt: skip
     if fails:
         print("MISMATCH: " + "; ".join(fails))
         return 1

@@ -5,9 +5,6 @@ cuSPARSELt through the library's wrapper, ``armor_kernels.backends.torch_sparse`
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import torch
 from torch import nn
 
@@ -45,24 +42,9 @@ def magnitude_24(w: torch.Tensor) -> torch.Tensor:
     return sparse24.topk_mask(w.abs().float())
 
 
-@contextlib.contextmanager
 def variant_environment(variant: str):
     """The variant's environment for the duration, dispatch choices reset on entry and exit."""
-    from armor_kernels import dispatch
-
-    env = VARIANT_ENV.get(variant, {})
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    dispatch.reset()
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        dispatch.reset()
+    return common.environment(VARIANT_ENV.get(variant, {}))
 
 
 def apply_variant(model, variant: str, block: int, dense_layers: dict[str, nn.Linear]) -> str:
