@@ -1,24 +1,30 @@
 """Backend registry and selection.
 
 A backend is chosen once per shape class ``(op, device type, dtype, regime,
-weight shapes)`` and cached; calls only look the choice up.
-
-Order: each backend's ``rank(device_type, regime)`` when it defines one, else
-its ``priority``; the first that is available and ``can_implement`` the op wins.
-So the small-batch Triton kernel leads decode on GPU, cuSPARSELt (or the CUDA
-extension) the larger token counts, and on CPU the reference leads (the Triton
-interpreter is for tests; force it with ``ARMOR_BACKEND=triton``).
+weight shapes)`` and cached; calls only look the choice up. The order in which
+backends are tried is ``SELECTION`` below: the first that is available and
+``can_implement`` the op wins; why each earlier one did not is kept (``armor env``).
 
 ``armor_linear``: when no backend above the reference runs the whole layer, a
 composite runs it as B-wrapper -> 2:4 core -> A-wrapper (+ bias), each part from
 its own selection, provided the core gets a backend better than the reference.
 
-Environment, read when a shape class is first seen (``reset()`` forgets choices):
+Layouts: ``prepare`` builds, at load time, only the layouts of the backends that a
+layer's selection will run (memory is the point of 2:4), and releases the layouts
+of every other backend for that layer. By default that is no second copy: decode
+reads ``values``/``meta``, and so does prefill (``cuda_ext`` expands the core into
+one shared scratch per device and runs cuBLAS). ``ARMOR_CUSPARSELT_LAYOUT=1`` adds
+cuSPARSELt's compressed copy of each core for faster prefill on 2:4 tensor cores
+(one copy: only the first cuSPARSELt backend of the table builds it).
+
+Environment, read when a shape class is first seen (``reset()`` forgets choices;
+call ``prepare`` again, e.g. ``layer.prepare()``, to rebuild or free layouts):
 
 - ``ARMOR_BACKEND=name``: force one backend; an op it cannot run raises with its
   reason. For ``armor_linear`` a forced backend that runs the 2:4 core but not the
   whole layer gets its wrappers from automatic selection.
 - ``ARMOR_DISABLED_BACKENDS=a,b``: never pick these (also inside composites).
+- ``ARMOR_CUSPARSELT_LAYOUT=1``: let layers hold cuSPARSELt's compressed copy.
 """
 
 from __future__ import annotations
@@ -29,17 +35,41 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.base import OPS, Backend
+from .backends.base import DECODE_MAX_TOKENS, OPS, Backend, cusparselt_layout_enabled, tokens
 
-# Every backend module, best first. A module that fails to import is recorded
-# with its error and never breaks ``import armor_kernels``.
-BACKEND_MODULES = ("cuda_ext", "triton", "torch_sparse", "reference")
-
-# Token-count regimes: decode is memory-bound (<= 16 tokens), prefill compute-bound.
-DECODE_MAX_TOKENS = 16
+# Backend order, best first, per device type and token regime. One row per place a
+# backend may run; a backend missing from a row is never picked there automatically
+# (ARMOR_BACKEND can still force it). Device types without a row use "cpu"'s.
+#   cuda decode: the fused small-batch Triton kernels read values/meta at the memory
+#     bound. No cuSPARSELt: it pads few-token products (0.11x dense at 1 token for
+#     4096²), and a decode copy besides the prefill one would be a second copy.
+#   cuda medium/prefill: the 2:4 core on our extension (cuSPARSELt with a searched
+#     plan, or expand + cuBLAS without the opt-in layout), then PyTorch's cuSPARSELt
+#     (opt-in layout only); the wrappers on Triton.
+#   cpu: the reference; the Triton interpreter (TRITON_INTERPRET=1, for tests) only when
+#     the reference is disabled or triton is forced.
+SELECTION: dict[str, dict[str, tuple[str, ...]]] = {
+    "cuda": {
+        "decode": ("triton", "reference"),
+        "medium": ("cuda_ext", "triton", "torch_sparse", "reference"),
+        "prefill": ("cuda_ext", "triton", "torch_sparse", "reference"),
+    },
+    "cpu": {
+        "decode": ("reference", "triton"),
+        "medium": ("reference", "triton"),
+        "prefill": ("reference", "triton"),
+    },
+}
+# Regimes by token count: decode is memory-bound, prefill compute-bound.
 MEDIUM_MAX_TOKENS = 256
-# A representative token count per regime (for ``plan`` and ``armor env``).
+# A representative token count per regime (for ``plan``, ``prepare`` and ``armor env``).
 REGIME_TOKENS = {"decode": 1, "medium": 64, "prefill": 1024}
+
+# Every backend module. A module that fails to import is recorded with its error and
+# never breaks ``import armor_kernels``.
+BACKEND_MODULES = ("reference", "triton", "torch_sparse", "cuda_ext")
+
+__all__ = ["DECODE_MAX_TOKENS", "SELECTION", "BackendUnavailable", "prepare", "run", "select"]
 
 
 class BackendUnavailable(RuntimeError):
@@ -88,19 +118,25 @@ def _load() -> dict[str, Backend]:
 
 
 def backends() -> list[Backend]:
-    """Loaded backends, highest priority first."""
-    return sorted(_load().values(), key=lambda b: -b.priority)
+    """Loaded backends, in ``BACKEND_MODULES`` order."""
+    return list(_load().values())
 
 
-def rank(backend: Backend, device_type: str, regime_name: str) -> int:
-    """Selection order of a backend for a device type and regime (higher first)."""
-    fn = getattr(backend, "rank", None)
-    return int(fn(device_type, regime_name)) if callable(fn) else backend.priority
+def regime(n_tokens: int) -> str:
+    if n_tokens <= DECODE_MAX_TOKENS:
+        return "decode"
+    return "medium" if n_tokens <= MEDIUM_MAX_TOKENS else "prefill"
+
+
+def order(device_type: str, regime_name: str) -> tuple[str, ...]:
+    """Backend names in selection order for a device type and regime (the table's row)."""
+    return SELECTION.get(device_type, SELECTION["cpu"])[regime_name]
 
 
 def ordered(device_type: str, regime_name: str) -> list[Backend]:
     """Loaded backends in selection order for this device type and regime."""
-    return sorted(_load().values(), key=lambda b: -rank(b, device_type, regime_name))
+    table = _load()
+    return [table[name] for name in order(device_type, regime_name) if name in table]
 
 
 def get(name: str) -> Backend:
@@ -111,18 +147,8 @@ def get(name: str) -> Backend:
     return table[name]
 
 
-def regime(tokens: int) -> str:
-    if tokens <= DECODE_MAX_TOKENS:
-        return "decode"
-    return "medium" if tokens <= MEDIUM_MAX_TOKENS else "prefill"
-
-
 def _disabled() -> set[str]:
     return {s.strip() for s in os.environ.get("ARMOR_DISABLED_BACKENDS", "").split(",") if s.strip()}
-
-
-def _tokens(x: torch.Tensor) -> int:
-    return x.numel() // max(x.shape[-1], 1)
 
 
 def _check(backend: Backend, op: str, x: torch.Tensor, weights: tuple) -> tuple[bool, str]:
@@ -132,13 +158,11 @@ def _check(backend: Backend, op: str, x: torch.Tensor, weights: tuple) -> tuple[
     return ok, why
 
 
-def _first(op: str, x: torch.Tensor, weights: tuple, skip=()) -> Choice:
+def _first(op: str, x: torch.Tensor, weights: tuple) -> Choice:
     """The first backend in selection order that runs ``op``; why each earlier one did not."""
     disabled = _disabled()
     reasons = {}
-    for backend in ordered(x.device.type, regime(_tokens(x))):
-        if backend.name in skip:
-            continue
+    for backend in ordered(x.device.type, regime(tokens(x))):
         if backend.name in disabled:
             reasons[backend.name] = "disabled by ARMOR_DISABLED_BACKENDS"
             continue
@@ -157,7 +181,7 @@ def _composite(x: torch.Tensor, weights: tuple, core: Backend | None = None) -> 
     if core.name == "reference":
         return None, "no 2:4 backend better than the reference for this shape"
     wrapper_in = _first("blockdiag_matmul", x, (b, None)).backend
-    z = x.new_empty(*x.shape[:-1], values.shape[0])
+    z = x.new_empty(()).expand(*x.shape[:-1], values.shape[0])  # shape only, no allocation
     wrapper_out = _first("blockdiag_matmul", z, (a, bias)).backend
     return Composite(wrapper_in, core, wrapper_out), ""
 
@@ -188,7 +212,7 @@ def _decide(op: str, x: torch.Tensor, weights: tuple) -> Choice:
 
 def shape_key(op: str, x: torch.Tensor, weights: tuple) -> tuple:
     shapes = tuple(tuple(w.shape) if isinstance(w, torch.Tensor) else w for w in weights)
-    return (op, x.device.type, x.dtype, regime(_tokens(x)), shapes)
+    return (op, x.device.type, x.dtype, regime(tokens(x)), shapes)
 
 
 def select(op: str, x: torch.Tensor, *weights) -> Choice:
@@ -203,31 +227,80 @@ def run(op: str, x: torch.Tensor, *weights):
     return select(op, x, *weights).backend.run(op, x, *weights)
 
 
-def prepare(a, values, meta, b, bias=None) -> None:
-    """Let every available backend build its layout of a layer once, at load time."""
+# ---- layouts -------------------------------------------------------------------------------
+
+
+def _stand_in(n_tokens: int, d_in: int, like: torch.Tensor) -> torch.Tensor:
+    """An input of the right shape, dtype and device without memory (selection reads only those)."""
+    return like.new_empty(()).expand(n_tokens, d_in)
+
+
+def _used(a, values, meta, b, bias) -> set[str]:
+    used = set()
+    for n in REGIME_TOKENS.values():
+        x = _stand_in(n, 2 * values.shape[1], values)
+        try:
+            choice = select("armor_linear", x, a, values, meta, b, bias)
+        except BackendUnavailable:
+            continue
+        parts = getattr(choice.backend, "parts", (choice.backend,))
+        used.update(p.name for p in parts)
+    return used
+
+
+def prepare(a, values, meta, b, bias=None) -> dict[str, int]:
+    """Build, once at load time, the layouts of the backends this layer will run (per
+    regime, as selected now) and free the layouts every other backend holds for it.
+
+    Returns ``{backend: bytes}`` of the layouts the layer now holds beyond its own
+    tensors (empty by default; one cuSPARSELt copy with ``ARMOR_CUSPARSELT_LAYOUT=1``).
+    """
+    used = _used(a, values, meta, b, bias)
+    held = {}
     for backend in backends():
-        if backend.name not in _disabled() and backend.is_available()[0]:
+        if backend.name in used and backend.is_available()[0]:
             backend.prepare(a, values, meta, b, bias)
+        else:
+            backend.release(values)
+        nbytes = backend.layout_bytes(values)
+        if nbytes:
+            held[backend.name] = nbytes
+    return held
+
+
+def release(values: torch.Tensor | None = None) -> None:
+    """Free every backend's layouts of ``values`` (of all layers when None)."""
+    for backend in backends():
+        backend.release(values)
+
+
+def layout_bytes(values: torch.Tensor | None = None) -> dict[str, int]:
+    """``{backend: device bytes}`` held in kernel-specific layouts (for ``values``, or all layers)."""
+    return {b.name: n for b in backends() if (n := b.layout_bytes(values))}
 
 
 def reset() -> None:
-    """Forget cached choices (after changing ARMOR_BACKEND or ARMOR_DISABLED_BACKENDS)."""
+    """Forget cached choices (after changing ARMOR_BACKEND, ARMOR_DISABLED_BACKENDS or ARMOR_CUSPARSELT_LAYOUT)."""
     _cache.clear()
+
+
+# ---- reports ---------------------------------------------------------------------------------
 
 
 def plan(device, dtype: torch.dtype, d_out: int = 4096, d_in: int = 4096, block: int = 128) -> dict:
     """What each op would run on, per regime, for a layer shape on ``device``: ``{regime: {op: name or 'none (why)'}}``.
 
-    Uses uninitialized stand-in tensors and does not touch the cache.
+    Uses stand-in tensors without memory and does not touch the cache.
     """
     device = torch.device(device)
-    values = torch.empty(d_out, d_in // 2, dtype=dtype, device=device)
-    meta = torch.empty(d_out, (d_in // 4 + 1) // 2, dtype=torch.uint8, device=device)
-    a = torch.empty(d_out // block, block, block, dtype=dtype, device=device)
-    b = torch.empty(d_in // block, block, block, dtype=dtype, device=device)
+    one = torch.empty((), dtype=dtype, device=device)
+    values = one.expand(d_out, d_in // 2)
+    meta = torch.empty((), dtype=torch.uint8, device=device).expand(d_out, (d_in // 4 + 1) // 2)
+    a = one.expand(d_out // block, block, block)
+    b = one.expand(d_in // block, block, block)
     out = {}
-    for name, tokens in REGIME_TOKENS.items():
-        x = torch.empty(tokens, d_in, dtype=dtype, device=device)
+    for name, n in REGIME_TOKENS.items():
+        x = one.expand(n, d_in)
         args = {
             "blockdiag_matmul": (b, None),
             "sparse24_matmul": (values, meta, None),
@@ -243,22 +316,25 @@ def plan(device, dtype: torch.dtype, d_out: int = 4096, d_in: int = 4096, block:
     return out
 
 
+def _key_text(k: tuple) -> str:
+    return f"{k[0]} {k[1]} {str(k[2]).replace('torch.', '')} {k[3]} {k[4]}"
+
+
 def report() -> dict:
-    """What is loaded, what is available and why not, and the choices made so far."""
+    """The selection table, what is loaded, what is available and why not, the layouts held,
+    and the choices made so far."""
     table = _load()
     status = {}
     for name, backend in table.items():
         ok, why = backend.is_available()
-        status[name] = {"priority": backend.priority, "available": ok, "reason": why, "ops": list(backend.ops)}
+        status[name] = {"available": ok, "reason": why, "ops": list(backend.ops)}
     return {
+        "selection": {dev: {r: list(names) for r, names in rows.items()} for dev, rows in SELECTION.items()},
         "backends": status,
         "load_errors": dict(_load_errors),
-        "choices": {
-            f"{k[0]} {k[1]} {str(k[2]).replace('torch.', '')} {k[3]} {k[4]}": c.backend.name for k, c in _cache.items()
-        },
-        "passed_over": {
-            f"{k[0]} {k[1]} {str(k[2]).replace('torch.', '')} {k[3]} {k[4]}": dict(c.reasons)
-            for k, c in _cache.items()
-            if c.reasons
-        },
+        "cusparselt_layout": cusparselt_layout_enabled(),
+        "layout_bytes": layout_bytes(),
+        "workspace_bytes": {b.name: n for b in backends() if (n := b.workspace_bytes())},
+        "choices": {_key_text(k): c.backend.name for k, c in _cache.items()},
+        "passed_over": {_key_text(k): dict(c.reasons) for k, c in _cache.items() if c.reasons},
     }

@@ -21,8 +21,6 @@ from . import sparse24
 
 FORMAT_VERSION = 1
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# tensor names inside a checkpoint, per layer prefix
-TENSOR_NAMES = ("a", "values", "meta", "b", "bias")
 
 
 class ArmorFormatError(ValueError):
@@ -100,7 +98,7 @@ class ArmorWeights:
         bias: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         dtype: torch.dtype | None = None,
-    ) -> "ArmorWeights":
+    ) -> ArmorWeights:
         """Pack block wrappers and a dense 2:4 core (with its keep-mask if known).
 
         ``a``/``b`` may be block stacks ``[n, b, b]``. ``dtype`` casts everything
@@ -120,7 +118,7 @@ class ArmorWeights:
         return w
 
     @classmethod
-    def from_dense(cls, core: torch.Tensor, block_out: int, block_in: int, bias=None, mask=None) -> "ArmorWeights":
+    def from_dense(cls, core: torch.Tensor, block_out: int, block_in: int, bias=None, mask=None) -> ArmorWeights:
         """Identity wrappers around a 2:4 core: plain 2:4 expressed in ARMOR form."""
         d_out, d_in = core.shape
         eye_out = torch.eye(block_out, dtype=core.dtype, device=core.device).expand(d_out // block_out, -1, -1)
@@ -131,7 +129,7 @@ class ArmorWeights:
         """The dense 2:4 core (debugging and reference only)."""
         return sparse24.decompress(self.values, self.meta)
 
-    def to(self, *args, **kwargs) -> "ArmorWeights":
+    def to(self, *args, **kwargs) -> ArmorWeights:
         """Move/cast; ``meta`` keeps uint8 whatever the dtype asked for."""
         moved = {}
         for name, t in self.tensors().items():

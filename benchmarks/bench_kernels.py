@@ -5,14 +5,17 @@
 
 Providers (``--providers``, comma-separated, default all):
 - ``dense``: ``F.linear`` (cuBLAS on GPU);
-- ``cslt_search``: PyTorch's cuSPARSELt (``torch._cslt_sparse_mm``) with the algorithm
-  found by cuSPARSELt's search, once per shape and token count, outside the timed region;
+- ``cslt_search``: plain 2:4 through PyTorch's cuSPARSELt, by the library's wrapper
+  (``armor_kernels.backends.torch_sparse.matmul``) with the algorithm found by
+  cuSPARSELt's search, once per shape and token bucket, outside the timed region;
 - ``cslt_alg0``: the same with the default algorithm 0;
 - ``armor_<backend>``: ``armor_kernels.armor_linear`` with ``ARMOR_BACKEND=<backend>``
   (the public op, as the runtime calls it), one per backend module of ``armor_kernels.dispatch``;
   a backend that runs only the 2:4 core gets its wrappers from dispatch (the note says
   ``runs composite(...)``);
-- ``armor_auto``: the same op with dispatch's automatic choice (what ``ArmorLinear`` runs).
+- ``armor_auto``: the same op with dispatch's automatic choice (what ``ArmorLinear`` runs);
+- ``armor_<name>+cslt``: the same with ``ARMOR_CUSPARSELT_LAYOUT=1`` (each layer keeps
+  cuSPARSELt's compressed copy of its core; the ``layout_bytes`` column says how much).
 
 Every point writes one row per provider; a provider that cannot run writes status
 ``unavailable`` with the reason. On CPU only ``dense`` and ``armor_reference`` (the
@@ -22,133 +25,73 @@ CPU runtime path, labelled "cpu reference") are timed unless named explicitly.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
+from armor_kernels.backends import torch_sparse
 from benchmarks import common
+from benchmarks.common import Unavailable
 
 TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)
 SMOKE_TOKENS = (1, 16)
 PLAIN24 = ("cslt_search", "cslt_alg0")
 AUTO = "auto"  # armor_auto: dispatch's own choice, what ArmorLinear runs
+CSLT = "+cslt"  # armor_<name>+cslt: with ARMOR_CUSPARSELT_LAYOUT=1 (cuSPARSELt's copy of each core kept)
 
 COLUMNS = common.ENV_COLUMNS + [
     "model", "layer", "d_out", "d_in", "block_out", "block_in", "dtype", "tokens", "provider", "status", "reason",
     "median_ms", "tflops_dense_equiv", "tflops_actual", "gbps", "weight_bytes", "bytes_moved", "roofline_frac",
     "peak_tflops", "peak_gbps", "speedup_vs_dense", "speedup_vs_plain24", "plain24_ref", "max_rel_err", "timer",
-    "note",
+    "layout_bytes", "note",
 ]  # fmt: skip
 
 # An output further than this from the fp32 reference (max |err| / max |ref|) marks the row wrong_result.
 REL_ERR_LIMIT = 5e-2
 
 
-class Unavailable(Exception):
-    """The provider cannot run this point; the message is the reason."""
-
-
 # ---- providers --------------------------------------------------------------
 
 
 def armor_provider_names() -> list[str]:
-    """``armor_auto``, ``armor_<name>`` for each loaded backend, and for each backend module that failed to load."""
+    """``armor_auto`` (and ``+cslt``), ``armor_<name>`` for each loaded backend and each backend module
+    that failed to load, and ``+cslt`` for the backends that can keep cuSPARSELt's copy."""
     from armor_kernels import dispatch
 
-    names = [f"armor_{AUTO}"] + [f"armor_{b.name}" for b in dispatch.backends()]
+    names = [f"armor_{AUTO}", f"armor_{AUTO}{CSLT}"] + [f"armor_{b.name}" for b in dispatch.backends()]
     names += [f"armor_{m}" for m in dispatch.report()["load_errors"]]
+    names += [f"armor_{m}{CSLT}" for m in ("cuda_ext",) if f"armor_{m}" in names]
     return names
 
 
-def cslt_status() -> tuple[bool, str]:
-    if not torch.cuda.is_available():
-        return False, "cuSPARSELt needs a CUDA GPU; this machine has none"
-    if not (hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()):
-        return False, "this PyTorch build has no cuSPARSELt (torch.backends.cusparselt.is_available() is False)"
-    if torch.cuda.get_device_capability() < (8, 0):
-        return (
-            False,
-            f"2:4 sparse tensor cores need sm_80+, this GPU is sm_{''.join(map(str, torch.cuda.get_device_capability()))}",
-        )
-    return True, ""
-
-
-def cslt_search(packed: torch.Tensor, dense: torch.Tensor) -> dict:
-    """Best algorithm for this product, feature-detected across PyTorch versions:
-    ``torch._C._cusparselt.mm_search`` (recent, returns a tuple) or ``torch._cslt_sparse_mm_search``."""
-    mod = getattr(torch._C, "_cusparselt", None)
-    if mod is not None and hasattr(mod, "mm_search"):
-        found = mod.mm_search(packed, dense, None, None, None, True)
-        how = "torch._C._cusparselt.mm_search"
-    elif hasattr(torch, "_cslt_sparse_mm_search"):
-        found = torch._cslt_sparse_mm_search(packed, dense, transpose_result=True)
-        how = "torch._cslt_sparse_mm_search"
-    else:
-        raise Unavailable("no cuSPARSELt algorithm search in this PyTorch")
-    if isinstance(found, (tuple, list)):
-        # (alg_id, split_k, split_k_mode or split_k_one_kernel, max_alg_id)
-        kw = {"alg_id": int(found[0])}
-        if len(found) > 1 and int(found[1]) != 1:
-            kw["split_k"] = int(found[1])
-            if len(found) > 2:
-                kw["split_k_one_kernel" if isinstance(found[2], bool) else "split_k_mode"] = found[2]
-        return {"kwargs": kw, "how": how}
-    return {"kwargs": {"alg_id": int(found)}, "how": how}
-
-
 def make_cslt(w24: torch.Tensor, x: torch.Tensor, search: bool):
-    """``y = x W24ᵀ`` through cuSPARSELt as PyTorch's own semi-structured linear does it:
-    ``(W · xᵀ)ᵀ`` with the result transposed by the kernel; tokens padded to a multiple of 8
-    (cuSPARSELt's minimum for the dense operand), the padding inside the timed call."""
-    ok, why = cslt_status()
+    """``y = x W24ᵀ`` through cuSPARSELt by the library's wrapper (tokens padded to a multiple of 8
+    inside the timed call, as PyTorch's own semi-structured linear does). Returns (fn, buffer
+    bytes, note); with ``search`` the algorithm is searched here, outside the timed region."""
+    ok, why = torch_sparse.status()
     if not ok:
         raise Unavailable(why)
-    packed = torch._cslt_compress(w24)
-    m = x.shape[0]
-    pad = (-m) % 8
+    packed = torch_sparse.compress(w24)
+    d_out, m = w24.shape[0], x.shape[0]
 
-    def call(**kw):
-        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-        y = torch._cslt_sparse_mm(packed, xp.t(), transpose_result=True, **kw)
-        return y[:m] if pad else y
+    def fn():
+        return torch_sparse.matmul(packed, x, d_out, search_alg=search)
 
-    note = f"tokens padded {m}->{m + pad}" if pad else ""
+    fn()  # the search (first call of its class)
+    pad = (-m) % torch_sparse.DENSE_MULTIPLE
+    notes = [f"tokens padded {m}->{m + pad}"] if pad else []
     if search:
-        xp = F.pad(x, (0, 0, 0, pad)) if pad else x
-        found = cslt_search(packed, xp.t())
-        kw = found["kwargs"]
-        try:
-            call(**kw)
-        except TypeError:  # split_k arguments this PyTorch does not take: keep the algorithm only
-            kw = {"alg_id": kw["alg_id"]}
-        note = ";".join(filter(None, [note, f"{found['how']} -> " + ",".join(f"{k}={v}" for k, v in kw.items())]))
-        return (lambda: call(**kw)), packed.nbytes, note
-    return (lambda: call(alg_id=0)), packed.nbytes, note
+        kwargs, how = torch_sparse.searched_for(x, d_out)
+        notes.append(f"{how} -> " + ",".join(f"{k}={v}" for k, v in kwargs.items()))
+    return fn, packed.nbytes, ";".join(notes)
 
 
-@contextlib.contextmanager
 def forced_backend(name: str):
-    """``ARMOR_BACKEND=name`` for the duration (``auto``: unset, automatic selection);
-    dispatch choices reset on entry and exit."""
-    from armor_kernels import dispatch
-
-    old = os.environ.get("ARMOR_BACKEND")
-    if name == AUTO:
-        os.environ.pop("ARMOR_BACKEND", None)
-    else:
-        os.environ["ARMOR_BACKEND"] = name
-    dispatch.reset()
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("ARMOR_BACKEND", None)
-        else:
-            os.environ["ARMOR_BACKEND"] = old
-        dispatch.reset()
+    """``ARMOR_BACKEND=name`` for the duration (``auto``: unset, automatic selection; a ``+cslt``
+    suffix adds ``ARMOR_CUSPARSELT_LAYOUT=1``); dispatch choices reset on entry and exit."""
+    backend, cslt = (name[: -len(CSLT)], "1") if name.endswith(CSLT) else (name, None)
+    return common.environment({"ARMOR_BACKEND": None if backend == AUTO else backend, "ARMOR_CUSPARSELT_LAYOUT": cslt})
 
 
 def armor_choice(name: str, x: torch.Tensor, w) -> str:
@@ -171,14 +114,70 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
-def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], args, roof, out, base: dict) -> list:
-    device, dtype_name = ctx["device"], ctx["dtype_name"]
-    dt = common.DTYPES[dtype_name]
+def _armor(prov: str, x: torch.Tensor, w, row: dict, device, args) -> tuple:
+    """(output, median ms, timer) of ``armor_linear`` as provider ``prov`` runs it; notes and the
+    layout bytes it holds go into ``row``. Layouts are built untimed, as at load, and freed after."""
+    from armor_kernels import armor_linear, dispatch
+
+    name = prov[len("armor_") :]
+    chosen = armor_choice(name, x, w)
+    if device.type == "cpu" and chosen == "reference":
+        row["note"] = "cpu reference"
+    elif chosen != name.removesuffix(CSLT):
+        row["note"] = f"runs {chosen}"
+    with forced_backend(name):
+        try:
+            row["layout_bytes"] = sum(dispatch.prepare(w.a, w.values, w.meta, w.b, None).values())
+            y = armor_linear(x, w.a, w.values, w.meta, w.b, None)
+            ms, timer = common.bench(
+                lambda: armor_linear(x, w.a, w.values, w.meta, w.b, None), device, args.smoke, args.rep_ms
+            )
+        finally:
+            dispatch.release(w.values)
+    return y, ms, timer
+
+
+def measure(prov: str, ctx: dict, x: torch.Tensor, row: dict, args) -> dict:
+    """The timing columns of one provider at one point (raises Unavailable when it cannot run)."""
+    from armor_kernels import reference
+
+    device, tokens = ctx["device"], x.shape[0]
     n, k = ctx["d_out"], ctx["d_in"]
     w, wd, w24 = ctx["armor"], ctx["dense"], ctx["w24"]
-    x = torch.randn(tokens, k, device=device).to(dt)
-    act_bytes = (tokens * k + tokens * n) * x.element_size()
-    b_in, b_out = w.block_in, w.block_out
+    ref = None
+    if prov == "dense":
+        fn, wbytes = (lambda: F.linear(x, wd)), wd.nbytes
+        flops_d, flops_s = 2 * tokens * n * k, 0
+    elif prov in PLAIN24:
+        fn, wbytes, row["note"] = make_cslt(w24, x, search=prov == "cslt_search")
+        flops_d, flops_s = 0, tokens * n * k  # 2·M·N·K/2 on the sparse core
+        ref = F.linear(x.float(), w24.float())
+    elif prov.startswith("armor_"):
+        fn, wbytes = None, w.nbytes()["total"]
+        flops_d, flops_s = 2 * tokens * (w.block_in * k + w.block_out * n), tokens * n * k
+        ref = reference.armor_linear(x.float(), w.a.float(), w.values.float(), w.meta, w.b.float())
+        y, ms, timer = _armor(prov, x, w, row, device, args)
+    else:
+        raise Unavailable(f"unknown provider {prov!r}")
+    if fn is not None:
+        y = fn()
+        ms, timer = common.bench(fn, device, args.smoke, args.rep_ms)
+    moved = wbytes + (tokens * k + tokens * n) * x.element_size()
+    roof, dtype_name = ctx["roof"], ctx["dtype_name"]
+    return {
+        "median_ms": ms, "timer": timer, "weight_bytes": wbytes, "bytes_moved": moved,
+        "max_rel_err": rel_err(y, ref) if ref is not None else 0.0,
+        "tflops_dense_equiv": 2 * tokens * n * k / (ms * 1e-3) / 1e12,
+        "tflops_actual": (flops_d + flops_s) / (ms * 1e-3) / 1e12,
+        "gbps": moved / (ms * 1e-3) / 1e9, "roofline_frac": roof.ideal_ms(dtype_name, flops_d, flops_s, moved) / ms,
+        "peak_tflops": roof.tflops[dtype_name], "peak_gbps": roof.gbps,
+    }  # fmt: skip
+
+
+def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], args, out, base: dict) -> list:
+    """One row per provider at ``tokens``; a provider that cannot run is a row with the reason."""
+    device = ctx["device"]
+    x = torch.randn(tokens, ctx["d_in"], device=device).to(common.DTYPES[ctx["dtype_name"]])
     rows = []
     for prov in providers:
         row = dict(base, tokens=tokens, provider=prov, status="ok", reason="", note="")
@@ -189,64 +188,17 @@ def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], 
                 and prov != "armor_reference"
                 and prov not in explicit
             ):
-                armor_choice(prov[len("armor_") :], x, w)  # unavailable beats skipped
-                row.update(
-                    status="skipped",
-                    reason="on CPU only the reference path is timed (name it in --providers to time it)",
-                )
-                rows.append(row)
-                continue
-            if prov == "dense":
-                fn, wbytes = (lambda: F.linear(x, wd)), wd.nbytes
-                flops_d, flops_s = 2 * tokens * n * k, 0
-                ref = None
-            elif prov in PLAIN24:
-                fn, wbytes, row["note"] = make_cslt(w24, x, search=prov == "cslt_search")
-                flops_d, flops_s = 0, tokens * n * k  # 2·M·N·K/2 on the sparse core
-                ref = F.linear(x.float(), w24.float())
-            elif prov.startswith("armor_"):
-                from armor_kernels import armor_linear, reference
-
-                name = prov[len("armor_") :]
-                chosen = armor_choice(name, x, w)
-                if name != "reference":
-                    from armor_kernels import dispatch
-
-                    dispatch.prepare(w.a, w.values, w.meta, w.b, w.bias)  # load-time layouts, untimed
-                if device.type == "cpu" and chosen == "reference":
-                    row["note"] = "cpu reference"
-                elif chosen != name:
-                    row["note"] = f"runs {chosen}"
-                wbytes = w.nbytes()["total"]
-                flops_d, flops_s = 2 * tokens * (b_in * k + b_out * n), tokens * n * k
-                ref = reference.armor_linear(x.float(), w.a.float(), w.values.float(), w.meta, w.b.float())
-                with forced_backend(name):
-                    y = armor_linear(x, w.a, w.values, w.meta, w.b, None)
-                    ms, timer = common.bench(
-                        lambda: armor_linear(x, w.a, w.values, w.meta, w.b, None), device, args.smoke, args.rep_ms
-                    )
-                fn = None
+                armor_choice(prov[len("armor_") :], x, ctx["armor"])  # unavailable beats skipped
+                row.update(status="skipped", reason="on CPU only the reference path is timed (name it in --providers)")
             else:
-                raise Unavailable(f"unknown provider {prov!r}")
-            if fn is not None:
-                y = fn()
-                ms, timer = common.bench(fn, device, args.smoke, args.rep_ms)
-            err = rel_err(y, ref) if ref is not None else 0.0
-            moved = wbytes + act_bytes
-            ideal = roof.ideal_ms(dtype_name, flops_d, flops_s, moved)
-            row.update(
-                median_ms=ms, timer=timer, weight_bytes=wbytes, bytes_moved=moved, max_rel_err=err,
-                tflops_dense_equiv=2 * tokens * n * k / (ms * 1e-3) / 1e12,
-                tflops_actual=(flops_d + flops_s) / (ms * 1e-3) / 1e12,
-                gbps=moved / (ms * 1e-3) / 1e9, roofline_frac=ideal / ms,
-                peak_tflops=roof.tflops[dtype_name], peak_gbps=roof.gbps,
-            )  # fmt: skip
-            if err > REL_ERR_LIMIT:
-                row.update(status="wrong_result", reason=f"max rel err {err:.3g} > {REL_ERR_LIMIT} vs fp32 reference")
+                row.update(measure(prov, ctx, x, row, args))
+                if row["max_rel_err"] > REL_ERR_LIMIT:
+                    row.update(status="wrong_result",
+                               reason=f"max rel err {row['max_rel_err']:.3g} > {REL_ERR_LIMIT} vs fp32 reference")  # fmt: skip
         except Unavailable as e:
             row.update(status="unavailable", reason=str(e))
         except Exception as e:  # noqa: BLE001 - a failing provider is a row, never the end of the run
-            row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+            row.update(status="error", reason=common.reason(e))
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
@@ -317,14 +269,14 @@ def main(argv: list[str] | None = None) -> int:
         for model, layer, n, k in shapes:
             for dtype_name in dtypes:
                 dt = common.DTYPES[dtype_name]
-                ctx = {"device": device, "dtype_name": dtype_name, "d_out": n, "d_in": k}
+                ctx = {"device": device, "dtype_name": dtype_name, "d_out": n, "d_in": k, "roof": roof}
                 ctx["dense"] = (torch.randn(n, k, device=device) / k**0.5).to(dt)
                 ctx["w24"] = ctx["dense"] * common.random_24_mask(n, k, device)
                 ctx["armor"] = common.random_armor_weights(n, k, args.block_size, dt, device)
                 base = dict(env, model=model, layer=layer, d_out=n, d_in=k, dtype=dtype_name,
                             block_out=ctx["armor"].block_out, block_in=ctx["armor"].block_in)  # fmt: skip
                 for t in tokens:
-                    rows = run_point(ctx, t, providers, explicit, args, roof, out, base)
+                    rows = run_point(ctx, t, providers, explicit, args, out, base)
                     n_rows += len(rows)
                     print(summary_line(rows), flush=True)
                 del ctx

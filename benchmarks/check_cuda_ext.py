@@ -1,14 +1,16 @@
-"""GPU check of the compiled cuSPARSELt extension: correctness against the reference, speed against
-PyTorch's own cuSPARSELt (searched and default algorithm) and dense, on Llama-3-8B layer shapes.
+"""GPU check of the 2:4 core's prefill paths against the reference, with their speed against dense,
+on Llama-3-8B layer shapes: the compiled extension's cuSPARSELt plan (``ext``, the opt-in copy),
+its expansion + cuBLAS path (``expand``, the default: no copy), and PyTorch's cuSPARSELt through
+the library's wrapper (``cslt``, searched and default algorithm; also the ``torch_sparse`` backend).
 
-    python benchmarks/check_cuda_ext.py [--dtypes bf16,fp16] [--tokens 16,128,1024,8192] [--budget-s 25]
+    python -m benchmarks.check_cuda_ext [--dtypes bf16,fp16] [--tokens 16,128,1024,8192] [--budget-s 25]
 
 Builds the extension in place first when it is missing and nvcc is present (``--no-build`` to skip).
-Prints one row per (shape, tokens): max error relative to the reference's max |y| for the extension
-and for torch's cuSPARSELt, then median milliseconds of the extension, torch cuSPARSELt searched,
-torch cuSPARSELt alg 0, and dense ``F.linear``, and the extension's plan (alg id, split-K).
-Then bias, per-row alpha and CUDA-graph replay are checked once. Exit 1 on any mismatch, 2 when
-the check cannot run (no GPU, no extension), 0 otherwise. Rows past ``--budget-s`` are skipped.
+Prints one row per (shape, tokens): max error relative to the reference's max |y| per path, then
+median milliseconds per path and for dense ``F.linear``, and the extension's plan (alg id, split-K).
+Then the core's own bias (fused), a per-call bias, per-row alpha, padded tokens and CUDA-graph
+replay of both extension paths are checked once. Exit 1 on any mismatch, 2 when the check cannot
+run (no GPU, no extension), 0 otherwise. Rows past ``--budget-s`` are skipped.
 """
 
 from __future__ import annotations
@@ -72,68 +74,118 @@ def make_layer(n: int, k: int, dtype: torch.dtype):
 
 def check_row(cuda_ext, name, n, k, tokens, dtype, bench, make_cslt) -> tuple[dict, bool]:
     from armor_kernels import reference
+    from armor_kernels.backends import torch_sparse
 
     w24, values, meta = make_layer(n, k, dtype)
     core = cuda_ext.compress(values, meta)
     x = torch.randn(tokens, k, device="cuda", dtype=dtype)
     ref = reference.sparse24_matmul(x.float(), values.float(), meta)
-    out = cuda_ext.sparse24_mm(x, core)  # first call: plan + search
-    row = {"shape": name, "tokens": tokens, "err_ext": rel_err(out, ref)}
-    ok = row["err_ext"] <= TOLERANCE[dtype]
+    row = {"shape": name, "tokens": tokens}
+    row["err_ext"] = rel_err(cuda_ext.sparse24_mm(x, core), ref)  # first call: plan + search
+    row["err_expand"] = rel_err(cuda_ext.expanded_mm(x, values, meta), ref)
     device = x.device
     row["ext_ms"] = bench(lambda: cuda_ext.sparse24_mm(x, core), device)[0]
+    row["expand_ms"] = bench(lambda: cuda_ext.expanded_mm(x, values, meta), device)[0]
     for label, search in (("cslt_searched_ms", True), ("cslt_default_ms", False)):
         try:
             fn, _, _ = make_cslt(w24, x, search=search)
             if search:
                 row["err_cslt"] = rel_err(fn(), ref)
+                backend = torch_sparse.TorchSparseBackend()  # the backend path: values/meta -> its own copy
+                row["err_torch_sparse"] = rel_err(backend.sparse24_matmul(x, values, meta), ref)
             row[label] = bench(fn, device)[0]
         except Exception as e:  # noqa: BLE001 - a missing torch feature is a blank cell, not a failure
             row[label] = float("nan")
             row.setdefault("note", f"{label}: {type(e).__name__}: {e}"[:120])
     row["dense_ms"] = bench(lambda: F.linear(x, w24), device)[0]
     plan = next((p for p in cuda_ext.cached_plans() if (p["n"], p["k"], p["tokens"]) == (n, k, tokens)), {})
-    row["plan"] = f"alg {plan.get('alg_id')}/{plan.get('max_alg_id')} splitk {plan.get('split_k')}" + (
-        "" if plan.get("searched") else " (not searched)"
+    row["plan"] = (
+        f"alg {plan.get('alg_id')}/{plan.get('max_alg_id')} splitk {plan.get('split_k')}"
+        + ("" if plan.get("searched") else " (not searched)")
+        + (f" FALLBACK: {plan['fallback']}" if plan.get("fallback") else "")
     )
-    return row, ok
+    errs = [row[c] for c in ("err_ext", "err_expand", "err_cslt", "err_torch_sparse") if c in row]
+    return row, all(e <= TOLERANCE[dtype] for e in errs)
+
+
+def _captured(fn, side) -> tuple:
+    """``fn()`` captured into a CUDA graph on ``side`` after a warm-up there (as cuda_ext documents)."""
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()  # plan, search, workspace / scratch on the capture stream
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        out = fn()
+    return graph, out
 
 
 def check_epilogues(cuda_ext, dtype) -> list[str]:
-    """Bias, per-row alpha and CUDA-graph replay on one mid-size problem; returns the failures."""
+    """Bias, per-row alpha, padding and CUDA-graph replay on one mid-size problem; returns the failures."""
     from armor_kernels import reference
 
     n, k, tokens = 4096, 4096, 256
     _, values, meta = make_layer(n, k, dtype)
-    core = cuda_ext.compress(values, meta)
-    x = torch.randn(tokens, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
+    core = cuda_ext.compress(values, meta, bias)
+    x = torch.randn(tokens, k, device="cuda", dtype=dtype)
     scale = torch.rand(n, device="cuda") + 0.5
     base = reference.sparse24_matmul(x.float(), values.float(), meta)
     fails = []
     cases = {
-        "bias": (cuda_ext.sparse24_mm(x, core, bias), base + bias.float()),
+        "core's bias (fused)": (cuda_ext.sparse24_mm(x, core, bias), base + bias.float()),
+        "per-call bias": (cuda_ext.sparse24_mm(x, core, bias.clone()), base + bias.float()),
         "alpha vector": (cuda_ext.sparse24_mm(x, core, None, scale), base * scale),
         "odd tokens (padded)": (cuda_ext.sparse24_mm(x[:250], core), base[:250]),
+        "expand + bias": (cuda_ext.expanded_mm(x, values, meta, bias), base + bias.float()),
     }
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        cuda_ext.sparse24_mm(x, core, bias)  # plan, search and workspace on the capture stream
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = cuda_ext.sparse24_mm(x, core, bias)
+    g1, captured = _captured(lambda: cuda_ext.sparse24_mm(x, core, bias), side)
+    g2, captured_expand = _captured(lambda: cuda_ext.expanded_mm(x, values, meta, bias), side)
     x.copy_(torch.randn_like(x))
-    graph.replay()
+    g1.replay()
+    g2.replay()
     torch.cuda.synchronize()
-    cases["cuda graph replay"] = (captured, reference.sparse24_matmul(x.float(), values.float(), meta) + bias.float())
+    want = reference.sparse24_matmul(x.float(), values.float(), meta) + bias.float()
+    cases["cuda graph replay"] = (captured, want)
+    cases["cuda graph replay (expand)"] = (captured_expand, want)
     for label, (out, ref) in cases.items():
         err = rel_err(out, ref)
         status = "ok" if err <= TOLERANCE[dtype] else "MISMATCH"
-        print(f"  {label:<22} err {err:.2e}  {status}")
+        print(f"  {label:<28} err {err:.2e}  {status}")
         if status != "ok":
             fails.append(f"{label}: {err:.2e}")
+    return fails
+
+
+COLS = ("shape", "tokens", "err_ext", "err_expand", "err_cslt", "err_torch_sparse", "ext_ms", "expand_ms",
+        "cslt_searched_ms", "cslt_default_ms", "dense_ms")  # fmt: skip
+
+
+def check_rows(cuda_ext, dname: str, args, bench, make_cslt) -> list[str]:
+    """One printed row per (shape, tokens), token-major, until ``--budget-s``; returns the failures."""
+    dtype = DTYPES[dname]
+    fails = []
+    print(f"\n{dname}: " + " | ".join(COLS) + " | ext/dense | plan", flush=True)
+    # token-major: every shape at the most telling token counts before the rest
+    cases = [(name, int(t)) for t in args.tokens.split(",") for name in args.shapes.split(",")]
+    for name, tokens in cases:
+        n, k = SHAPES[name]
+        if time.perf_counter() - T0 > args.budget_s:
+            print(f"{name} {tokens}: skipped (over --budget-s {args.budget_s:g})", flush=True)
+            continue
+        try:
+            row, good = check_row(cuda_ext, name, n, k, tokens, dtype, bench, make_cslt)
+        except Exception as e:  # noqa: BLE001 - report the row and go on
+            print(f"{name} {tokens}: ERROR {type(e).__name__}: {e}", flush=True)
+            fails.append(f"{name} {tokens}: {e}")
+            continue
+        if not good:
+            fails.append(f"{name} {tokens} {dname}: errors over {TOLERANCE[dtype]:g}")
+        cells = [f"{row.get(c, float('nan')):.3g}" if isinstance(row.get(c, 0.0), float) else str(row[c]) for c in COLS]
+        speed = f"{row['dense_ms'] / row['ext_ms']:.2f}x (expand {row['dense_ms'] / row['expand_ms']:.2f}x)"
+        extra = ("" if good else " | MISMATCH") + (f" | {row['note']}" if "note" in row else "")
+        print(" | ".join(cells) + f" | {speed} | {row['plan']}" + extra, flush=True)
     return fails
 
 
@@ -142,10 +194,10 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default="bf16")
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    p.add_argument("--skip-epilogues", action="store_true", help="only the rows")
     p.add_argument("--budget-s", type=float, default=20.0, help="skip rows after this many seconds")
     p.add_argument("--no-build", action="store_true")
     args = p.parse_args(argv)
-    t0 = T0
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to check")
         return 2
@@ -162,43 +214,19 @@ def main(argv=None) -> int:
 
     print(f"GPU {torch.cuda.get_device_name()} | torch {torch.__version__} | ext {cuda_ext.versions()}", flush=True)
     fails = []
-    cols = ("shape", "tokens", "err_ext", "err_cslt", "ext_ms", "cslt_searched_ms", "cslt_default_ms", "dense_ms")
     for dname in args.dtypes.split(","):
-        dtype = DTYPES[dname]
-        print(f"\n{dname}: " + " | ".join(cols) + " | ext/dense | plan", flush=True)
-        # token-major: every shape at the most telling token counts before the rest
-        cases = [(name, int(t)) for t in args.tokens.split(",") for name in args.shapes.split(",")]
-        for name, tokens in cases:
-            n, k = SHAPES[name]
-            if time.perf_counter() - t0 > args.budget_s:
-                print(f"{name} {tokens}: skipped (over --budget-s {args.budget_s:g})", flush=True)
-                continue
-            try:
-                row, good = check_row(cuda_ext, name, n, k, tokens, dtype, bench, make_cslt)
-            except Exception as e:  # noqa: BLE001 - report the row and go on
-                print(f"{name} {tokens}: ERROR {type(e).__name__}: {e}", flush=True)
-                fails.append(f"{name} {tokens}: {e}")
-                continue
-            if not good:
-                fails.append(f"{name} {tokens} {dname}: error {row['err_ext']:.2e}")
-            cells = [
-                f"{row.get(c, float('nan')):.3g}" if isinstance(row.get(c, 0.0), float) else str(row[c]) for c in cols
-            ]
-            speed = row["dense_ms"] / row["ext_ms"]
-            print(
-                " | ".join(cells)
-                + f" | {speed:.2f}x | {row['plan']}"
-                + ("" if good else " | MISMATCH")
-                + (f" | {row['note']}" if "note" in row else ""),
-                flush=True,
-            )
+        fails += check_rows(cuda_ext, dname, args, bench, make_cslt)
+        if args.skip_epilogues:
+            continue
         print(f"\n{dname} epilogues:", flush=True)
         try:
-            fails += check_epilogues(cuda_ext, dtype)
+            fails += check_epilogues(cuda_ext, DTYPES[dname])
         except Exception as e:  # noqa: BLE001
             fails.append(f"epilogues: {type(e).__name__}: {e}")
             print(f"  ERROR {type(e).__name__}: {e}")
-    print(f"\n{len(cuda_ext.cached_plans())} plans cached; {time.perf_counter() - t0:.1f}s")
+    fallbacks = [p for p in cuda_ext.cached_plans() if p.get("fallback")]
+    print(f"\n{len(cuda_ext.cached_plans())} plans cached ({len(fallbacks)} fell back to the default algorithm); "
+          f"workspaces {cuda_ext.workspace_bytes() / 2**20:.1f} MiB; {time.perf_counter() - T0:.1f}s")  # fmt: skip
     if fails:
         print("MISMATCH: " + "; ".join(fails))
         return 1

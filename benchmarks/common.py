@@ -7,6 +7,7 @@ on GPU with warm-up and autotuning done before the timed region;
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import functools
@@ -56,6 +57,39 @@ SHAPES: list[tuple[str, str, int, int]] = [
 ]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Unavailable(Exception):
+    """This row cannot be measured here; the message is the reason (written as status ``unavailable``)."""
+
+
+@contextlib.contextmanager
+def environment(changes: dict[str, str | None]):
+    """Set (or, for None, unset) these environment variables for the duration, and reset the
+    dispatcher's choices on entry and exit (it reads ARMOR_* when a shape class is first seen)."""
+    from armor_kernels import dispatch
+
+    old = {k: os.environ.get(k) for k in changes}
+
+    def put(values):
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        dispatch.reset()
+
+    put(changes)
+    try:
+        yield
+    finally:
+        put(old)
+
+
+def reason(e: Exception) -> str:
+    """One line for a CSV's reason column: the message of an Unavailable, else the error's type and message."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    return (text if isinstance(e, Unavailable) else f"{type(e).__name__}: {text}")[:300]
 
 
 def select_shapes(spec: str) -> list[tuple[str, str, int, int]]:

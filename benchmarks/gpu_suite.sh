@@ -1,154 +1,158 @@
 #!/usr/bin/env bash
-# One short GPU window, one command: build, check, benchmark, plot, summarize.
+# The GPU run in one command that fits 6.5 minutes (390 s), most valuable results first.
 #
-#   bash benchmarks/gpu_suite.sh            # writes into $OUT, else ./gpu_results
+#   ARMOR_COMMIT=<sha> bash benchmarks/gpu_suite.sh [OUT_DIR]   # OUT_DIR, else $OUT, else ./gpu_results
 #
-# Needs a CUDA machine with PyTorch, Triton and transformers installed; never touches
-# the network (pip runs with --no-index). Every step runs under `timeout`, its
-# failure is recorded and the suite goes on. The whole suite keeps to SUITE_SECONDS
-# (default 430 s, plus 35 s kept for the plot: under 8 minutes): later steps get
-# what is left, the plot and the summary always run. SUITE_SMOKE=1 runs the benchmarks in --smoke mode and
-# SUITE_NO_BUILD=1 skips the build (a dry run of the plumbing on any machine).
-# Output: 6 files, all in one folder:
-#   suite.log  every step's output        env.txt           GPU, driver, versions
-#   kernels.csv  bench_kernels rows       e2e.csv           bench_e2e rows
-#   kernels_speedup.png                   summary.txt       step table + targets (printed last)
+# Needs a CUDA machine with PyTorch, Triton, transformers, pybind11 and the cuSPARSELt wheel;
+# never touches the network; the package runs from this tree (PYTHONPATH), the extension is
+# built in place. ARMOR_COMMIT names the commit when the tree has no .git.
+#
+# Steps, in order of value, with their budgets in seconds (the `step` lines below; they add
+# up to SUITE_SECONDS = 390). A step must end by its deadline, the sum of the budgets up to
+# and including its own, so time an early step leaves unused goes to the later ones and the
+# suite never runs past 390 s. A step that fails or times out is recorded and the suite goes on.
+#   env           15  GPU, clocks, driver, versions, commit, `armor env`        est.  5-10 s
+#   build         40  the CUDA extension, in place                               11-13 s measured on 2 CPU cores
+#   check_triton  45  every Triton kernel vs the fp64 reference (2 shapes)       est. 15-30 s (JIT compiles)
+#   check_cuda    35  extension (cuSPARSELt plan, expand+cuBLAS) and PyTorch's   --budget-s 20 + imports
+#                     cuSPARSELt vs the reference; bias, alpha, CUDA graphs
+#   kernels      100  Llama-3-8B's 4 layer shapes, bf16, 1 / 16 / 2048 tokens:   est. 50-70 s (~88 timed points
+#                     dense, plain 2:4, ARMOR per backend and layout            at 40 ms, searches, compiles)
+#   e2e           90  Llama-3-8B-shaped model, 4 layers: decode under CUDA      est. 40-60 s
+#                     graphs (batch 1, 16), prefill 2048; dense, ARMOR (one copy
+#                     and + cuSPARSELt copy), plain 2:4; weights + resident memory
+#   pytest_gpu    30  the GPU-marked tests                                       est. 20-35 s
+#   kernels_more  20  more shapes (Qwen2.5, Llama-2, SmolLM2 MLP), while time remains
+#   plot          15  speedup PNG and the target table                          est. 3-5 s
+# Then the summary table is printed last (also summary.txt).
+# Output, all directly in OUT_DIR (6 files): summary.txt, suite.log, env.txt, kernels.csv,
+# e2e.csv, speedup.png. SUITE_SMOKE=1: a CPU dry run of the same plumbing in seconds (tiny
+# shapes, no build, GPU-only steps skipped), exercised by the tests; its budgets are scaled by
+# SUITE_BUDGET_SCALE (default 5 in a dry run, 1 otherwise: a busy CPU imports slower).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_NO_INDEX=1 TOKENIZERS_PARALLELISM=false
 unset TRITON_INTERPRET
-OUT=${OUT:-./gpu_results}      # relative to where the suite is started
+OUT=${1:-${OUT:-./gpu_results}}   # relative to where the suite is started
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PY:-python3}
 LOG=$OUT/suite.log
 SUMMARY=$OUT/summary.txt
-TOTAL=${SUITE_SECONDS:-430}    # + RESERVE for the plot: at most 465 s, under 8 minutes
-RESERVE=35                     # seconds kept for the plot and the summary
-SCRATCH=$(mktemp -d)           # temporary checkpoints of bench_e2e, never in $OUT
+TOTAL=${SUITE_SECONDS:-390}
+SMOKE=${SUITE_SMOKE:-}
+SCALE=${SUITE_BUDGET_SCALE:-$([ -n "$SMOKE" ] && echo 5 || echo 1)}
+TOTAL=$((TOTAL * SCALE))
+SCRATCH=$(mktemp -d)              # build objects and temporary files, never in $OUT
 trap 'rm -rf "$SCRATCH"' EXIT
 : > "$LOG"
-printf '%-14s %5s %6s  %s\n' step rc secs status > "$SUMMARY"
+printf '%-13s %4s %5s %6s  %s\n' step rc secs budget status > "$SUMMARY"
+DEADLINE=0
 
-# step NAME BUDGET_S CMD...: run CMD under timeout (budget capped by what is left),
-# log its output, record rc and time. Steps that cannot get 10 s are skipped.
+# step NAME BUDGET CMD...: run CMD under timeout until the step's deadline, log its output,
+# record rc and time. A step left with under 5 s is skipped.
 step() {
     local name=$1 budget=$2
     shift 2
-    local left=$((TOTAL - SECONDS - RESERVE))
-    [ "$name" = plot ] && left=$((TOTAL + RESERVE - SECONDS))
-    local t=$budget
-    [ "$left" -lt "$t" ] && t=$left
-    if [ "$t" -lt 10 ]; then
-        printf '%-14s %5s %6s  %s\n' "$name" - 0 "skipped: suite time used up" >> "$SUMMARY"
+    DEADLINE=$((DEADLINE + budget * SCALE))
+    [ "$DEADLINE" -gt "$TOTAL" ] && DEADLINE=$TOTAL
+    local t=$((DEADLINE - SECONDS - 2))   # 2 s for timeout's kill grace
+    if [ "$t" -lt 5 ]; then
+        printf '%-13s %4s %5s %6s  %s\n' "$name" - 0 "$budget" "skipped: suite time used up" >> "$SUMMARY"
         echo "=== $name: skipped (suite time used up)" | tee -a "$LOG"
         return 0
     fi
     echo "=== $name (timeout ${t}s): $*" | tee -a "$LOG"
     local t0=$SECONDS
     # bash -c so that exported shell functions run under timeout too; timeout signals the whole group
-    timeout -k 10 "$t" bash -c '"$@"' _ "$@" 2>&1 | tee -a "$LOG"
+    timeout -k 2 "$t" bash -c '"$@"' _ "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     local status=ok
     [ "$rc" -ne 0 ] && status="FAILED"
-    [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && status="TIMED OUT after ${t}s"
-    printf '%-14s %5s %6s  %s\n' "$name" "$rc" $((SECONDS - t0)) "$status" >> "$SUMMARY"
+    [ "$rc" -eq 2 ] && status="could not run (see log)"
+    { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && status="TIMED OUT after ${t}s"
+    printf '%-13s %4s %5s %6s  %s\n' "$name" "$rc" $((SECONDS - t0)) "$budget" "$status" >> "$SUMMARY"
     echo "=== $name: rc=$rc ($status) in $((SECONDS - t0))s" | tee -a "$LOG"
 }
 
-# run benchmarks/NAME.py as a module if it exists, else say so and fail the step
-maybe() {
-    local name=$1
-    shift
-    if [ -f "benchmarks/$name.py" ]; then "$PY" -m "benchmarks.$name" "$@"
-    else echo "benchmarks/$name.py does not exist in this checkout"; return 3; fi
+gpu_only() {  # in a smoke run, say so instead of running a step that needs a GPU
+    if [ -n "$SMOKE" ]; then echo "SUITE_SMOKE: needs a GPU, not run"; return 0; fi
+    "$@"
 }
 
 env_info() {
-    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit --format=csv 2>&1
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem,power.limit \
+            --format=csv 2>&1
+    else
+        echo "nvidia-smi: not found"
+    fi
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${ARMOR_COMMIT:-unknown} (ARMOR_COMMIT; no .git here)")"
+    if command -v nvcc > /dev/null; then nvcc --version | tail -1; else echo "nvcc: not found"; fi
     "$PY" - <<'EOF'
 import importlib, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda,
       "| gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE",
       "| cusparselt", getattr(torch.backends, "cusparselt", None) and torch.backends.cusparselt.version())
-for m in ("triton", "transformers", "safetensors", "gguf", "pynvml"):
+for m in ("triton", "transformers", "safetensors", "pybind11", "pynvml"):
     try:
         print(m, importlib.import_module(m).__version__)
     except Exception as e:
         print(m, "unavailable:", type(e).__name__, e)
 EOF
-    git rev-parse HEAD 2>/dev/null || echo "commit: not a git checkout (${ARMOR_COMMIT:-unknown})"
     "$PY" -m armor_runtime env 2>&1 || echo "armor env failed"
 }
-
-# targets first: the Llama-3-8B MLP layers at 1 and 2048 tokens lead every list
-K_PROVIDERS=${K_PROVIDERS:-all}
-kernels_bf16() {
-    if [ -n "${SUITE_SMOKE:-}" ]; then
-        "$PY" -m benchmarks.bench_kernels --smoke --out "$OUT/kernels.csv"; return
-    fi
-    "$PY" -m benchmarks.bench_kernels --out "$OUT/kernels.csv" --dtypes bf16 --tokens 1,2048,16,4096,4,64,256,1024 \
-        --rep-ms 40 --providers "$K_PROVIDERS" --exclude armor_reference \
-        --shapes llama3-8b:gate,llama3-8b:down,llama3-8b:q_proj,llama3-8b:k_proj,qwen2.5-7b:gate,qwen2.5-14b:down,llama2-7b:gate,smollm2-135m:gate
-}
-kernels_fp16() {
-    if [ -n "${SUITE_SMOKE:-}" ]; then
-        "$PY" -m benchmarks.bench_kernels --smoke --dtypes fp16 --out "$OUT/kernels.csv"; return
-    fi
-    "$PY" -m benchmarks.bench_kernels --out "$OUT/kernels.csv" --dtypes fp16 --tokens 1,16,2048 --rep-ms 40 \
-        --providers "$K_PROVIDERS" --exclude armor_reference --shapes llama3-8b:gate,llama3-8b:down
-}
-# ARMOR right after dense: the comparison the targets need comes before plain 2:4
-E2E_ARGS="--variants dense,armor,plain24 --prefill 512,2048 --decode-batches 1,16 --decode-modes cuda_graph,eager
-          --prompt 64 --new-tokens 32 --reps 3"
-e2e_llama() {
-    if [ -n "${SUITE_SMOKE:-}" ]; then
-        "$PY" -m benchmarks.bench_e2e --smoke --out "$OUT/e2e.csv" --scratch "$SCRATCH"; return
-    fi
-    # weights above 4 GiB are not saved to disk: writing 16 GB would eat the window
-    "$PY" -m benchmarks.bench_e2e --out "$OUT/e2e.csv" --models llama3-8b-shaped $E2E_ARGS \
-        --disk-max-gb 4 --scratch "$SCRATCH"
-}
-e2e_smol() {
-    if [ -n "${SUITE_SMOKE:-}" ]; then
-        echo "SUITE_SMOKE: smollm2 step left out"; return
-    fi
-    "$PY" -m benchmarks.bench_e2e --out "$OUT/e2e.csv" --models smollm2-135m $E2E_ARGS --scratch "$SCRATCH"
-}
 build() {
-    if [ -n "${SUITE_NO_BUILD:-}" ]; then
-        echo "SUITE_NO_BUILD is set: not building"; return 0
+    if [ -n "$SMOKE" ]; then echo "SUITE_SMOKE: not building"; return 0; fi
+    ARMOR_FORCE_CUDA_BUILD=1 "$PY" setup.py -q build_ext --inplace --build-temp "$SCRATCH/build"
+}
+kernels() {
+    if [ -n "$SMOKE" ]; then
+        "$PY" -m benchmarks.bench_kernels --smoke --shapes tiny:up --tokens 1 \
+            --providers dense,cslt_search,armor_reference --out "$OUT/kernels.csv"; return
     fi
-    # the CUDA extension; a failure here leaves the pure-Python package and is recorded
-    ARMOR_FORCE_CUDA_BUILD=1 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . \
-        || { echo "extension build failed; installing without it"; ARMOR_SKIP_CUDA_BUILD=1 \
-             "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . ; return 1; }
+    "$PY" -m benchmarks.bench_kernels --out "$OUT/kernels.csv" --dtypes bf16 --tokens 1,16,2048 --rep-ms 40 \
+        --exclude armor_reference --shapes llama3-8b
+}
+e2e() {
+    if [ -n "$SMOKE" ]; then
+        "$PY" -m benchmarks.bench_e2e --smoke --variants dense,armor --decode-modes eager,cuda_graph \
+            --decode-batches 1 --prefill 8 --new-tokens 2 --no-disk --out "$OUT/e2e.csv"; return
+    fi
+    "$PY" -m benchmarks.bench_e2e --out "$OUT/e2e.csv" --models llama3-8b-shaped --layers 4 \
+        --variants dense,armor,armor_cslt,plain24 --decode-modes cuda_graph --decode-batches 1,16 \
+        --prefill 2048 --prompt 64 --new-tokens 32 --reps 3 --no-disk
+}
+kernels_more() {
+    "$PY" -m benchmarks.bench_kernels --out "$OUT/kernels.csv" --dtypes bf16 --tokens 1,2048 --rep-ms 25 \
+        --providers dense,cslt_search,armor_auto,armor_auto+cslt \
+        --shapes qwen2.5-7b:gate,qwen2.5-14b:down,llama2-7b:gate,smollm2-135m:gate
 }
 plot() {
     [ -f "$OUT/kernels.csv" ] || { echo "no kernels.csv: nothing to plot"; return 1; }
-    local e2e=()
-    [ -f "$OUT/e2e.csv" ] && e2e=(--e2e "$OUT/e2e.csv")
-    "$PY" -m benchmarks.plot --kernels "$OUT/kernels.csv" ${e2e[@]+"${e2e[@]}"} --png "$OUT/kernels_speedup.png" \
+    local e2e_csv=()
+    [ -f "$OUT/e2e.csv" ] && e2e_csv=(--e2e "$OUT/e2e.csv")
+    "$PY" -m benchmarks.plot --kernels "$OUT/kernels.csv" ${e2e_csv[@]+"${e2e_csv[@]}"} --png "$OUT/speedup.png" \
         --targets --brief | tee "$SCRATCH/targets.txt"
 }
-export PY OUT SCRATCH K_PROVIDERS E2E_ARGS
-export -f maybe env_info build kernels_bf16 kernels_fp16 e2e_llama e2e_smol plot
+export PY OUT SCRATCH SMOKE
+export -f gpu_only env_info build kernels e2e kernels_more plot
 
-step env          30 env_info
+step env           15 env_info
 cp "$LOG" "$OUT/env.txt"
-step build       120 build
-step check_triton 45 maybe check_triton_gpu --quick
-step check_cuda   30 maybe check_cuda_ext
-step kernels_bf16 120 kernels_bf16
-step e2e_llama   100 e2e_llama
-step pytest_gpu   45 "$PY" -m pytest -m gpu -q -p no:cacheprovider
-step e2e_smollm   35 e2e_smol
-step kernels_fp16 25 kernels_fp16
-step plot         30 plot
+step build         40 build
+step check_triton  45 gpu_only "$PY" -m benchmarks.check_triton_gpu --quick
+step check_cuda    35 gpu_only "$PY" -m benchmarks.check_cuda_ext --no-build --budget-s 20
+step kernels      100 kernels
+step e2e           90 e2e
+step pytest_gpu    30 gpu_only "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
+step kernels_more  20 gpu_only kernels_more
+step plot          15 plot
 
 {
     echo
-    echo "GPU suite finished in ${SECONDS}s (budget ${TOTAL}s); files in $OUT"
+    echo "GPU suite finished in ${SECONDS}s (limit ${TOTAL}s); files in $OUT"
     if [ -f "$SCRATCH/targets.txt" ]; then
         echo
         cat "$SCRATCH/targets.txt"

@@ -155,6 +155,30 @@ def brief_table(rows: list[dict], model: str = "llama3-8b") -> list[str]:
     return lines
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def e2e_brief(rows: list[dict]) -> list[str]:
+    """Text lines: one per timed or weights row of the end-to-end CSV (latest run of each point)."""
+    key = ("device", "model", "variant", "phase", "tokens", "batch", "decode_mode")
+    lines = []
+    for r in latest(rows, key):
+        if r.get("status") != "ok" or r.get("phase") not in ("weights", "prefill", "decode"):
+            continue
+        what = f"  {r['model']:<18} {r['variant']:<10} {r['phase']:<7}"
+        if r["phase"] == "weights":
+            resident = f"{_f(r['resident_gib']):.2f} GiB resident" if r.get("resident_gib") else "resident n/a (CPU)"
+            layouts = _f(r.get("layout_bytes")) if r.get("layout_bytes") else 0.0
+            lines.append(f"{what} {_size(_f(r['weights_bytes']))} weights + {_size(layouts)} layouts, {resident}, "
+                         f"x{_f(r.get('bytes_vs_dense')):.3f} of dense")  # fmt: skip
+        else:
+            where = f"prompt {r['tokens']}, batch {r['batch']} {r.get('decode_mode', '')}" if r["phase"] == "decode" else (
+                f"{r['tokens']} tokens")  # fmt: skip
+            lines.append(f"{what} {where:<28} {_f(r['tokens_per_s']):9.1f} tok/s x{_f(r.get('speedup_vs_dense')):.2f}")
+    return ["end to end: " + ("" if lines else "(no rows)")] + lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="plot", description=__doc__.split("\n\n")[0])
     p.add_argument("--kernels", help="CSV written by bench_kernels")
@@ -164,22 +188,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--brief", action="store_true", help="print a compact speedup table (Llama-3-8B layers)")
     p.add_argument("--dtype", default="bf16", help="dtype the targets are read at (default bf16)")
     args = p.parse_args(argv)
+    if not (args.png or args.targets or args.brief):
+        p.error("nothing to do: give --png, --targets and/or --brief")
+    if args.png and not args.kernels:
+        p.error("--png needs --kernels")
     krows = common.read_csv(args.kernels) if args.kernels else []
     erows = common.read_csv(args.e2e) if args.e2e else []
+    rc = 0
     if args.png:
-        if not args.kernels:
-            p.error("--png needs --kernels")
-        n = plot_speedups(krows, args.png)
-        print(f"wrote {args.png} ({n} panels)")
+        try:  # a missing matplotlib or an empty CSV must not hide the tables below
+            n = plot_speedups(krows, args.png)
+            print(f"wrote {args.png} ({n} panels)")
+        except (ImportError, ValueError) as e:
+            print(f"no plot: {type(e).__name__}: {e}")
+            rc = 1
     if args.targets:
         print("| target | measured (GPU rows only) |\n|---|---|")
         for what, measured in target_table(krows, erows, args.dtype):
             print(f"| {what} | {measured} |")
     if args.brief:
         print("\n".join(brief_table(krows)))
-    if not (args.png or args.targets or args.brief):
-        p.error("nothing to do: give --png, --targets and/or --brief")
-    return 0
+        if erows:
+            print("\n".join(e2e_brief(erows)))
+    return rc
 
 
 if __name__ == "__main__":

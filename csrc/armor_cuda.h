@@ -33,12 +33,17 @@ void expand24_host(const void* values, const uint8_t* meta, void* dense, int64_t
 struct PlanInfo {
   int device = 0;
   int dtype = 0;
-  int64_t n = 0, k = 0, tokens = 0, bucket = 0;
+  int64_t n = 0, k = 0, tokens = 0;
   bool has_bias = false;
   bool alpha_vector = false;
-  bool searched = false;  // algorithm chosen by cusparseLtMatmulSearch (else from the bucket or default)
+  bool searched = false;  // the configuration came from cusparseLtMatmulSearch on this plan
   int alg_id = 0, max_alg_id = 0, split_k = 1, split_k_mode = 0, split_k_buffers = 0;
-  size_t workspace = 0;  // bytes the plan needs
+  size_t workspace = 0;  // bytes the plan needs (cusparseLtMatmulGetWorkspace)
+};
+
+// A plan's algorithm configuration; alg_id < 0 leaves cuSPARSELt's default selection.
+struct AlgConfig {
+  int alg_id = -1, split_k = 1, split_k_mode = 0, split_k_buffers = 0;
 };
 
 // Versions: compile-time cuSPARSELt and CUDA runtime, and the loaded cuSPARSELt.
@@ -54,14 +59,25 @@ std::pair<size_t, size_t> compressed_size(int device, int dtype, int64_t n, int6
 void compress(int device, int dtype, int64_t n, int64_t k, uintptr_t values, uintptr_t meta, uintptr_t dense_scratch,
               uintptr_t compressed, uintptr_t compress_buffer, uintptr_t stream);
 
-// The plan for exactly this problem, created on first use (host-only, no GPU work, no search).
-PlanInfo plan(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector);
+// Make the plan for exactly this problem with configuration cfg, replacing any earlier plan
+// of the same problem (host-only: no GPU work, no search). Throws Error, naming the
+// configuration, when cuSPARSELt cannot build it.
+PlanInfo plan(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector,
+              const AlgConfig& cfg);
 
-// Run cusparseLtMatmulSearch on the plan (synchronizes: never inside a timed region or
-// a CUDA graph capture); the choice is kept for the plan and for its token bucket.
+// Bytes of workspace cuSPARSELt reports (cusparseLtMatmulGetWorkspace) for this problem with
+// algorithm alg_id, from a temporary plan that is not kept. Sizes the search's workspace.
+size_t plan_workspace(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector,
+                      int alg_id);
+
+// Run cusparseLtMatmulSearch on the existing plan (synchronizes: never inside a timed region
+// or a CUDA graph capture); returns the chosen configuration and the workspace it needs.
 PlanInfo search(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector,
                 uintptr_t x, uintptr_t compressed, uintptr_t out, uintptr_t alpha_ptr, float alpha,
                 uintptr_t workspace, size_t workspace_size, uintptr_t stream);
+
+// Expand values/meta into dense [rows, cols] (device addresses) on stream: launch_expand24, checked.
+void expand24(uintptr_t values, uintptr_t meta, uintptr_t dense, int64_t rows, int64_t cols, uintptr_t stream);
 
 // out[tokens, n] = alpha · x[tokens, k] · Sᵀ (+ bias). The plan must exist (see plan());
 // no allocation, no synchronization: safe inside CUDA graph capture.
@@ -72,8 +88,7 @@ void matmul(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr
 
 std::vector<PlanInfo> cached_plans();
 
-// Destroy all plans, and the searched choices too unless keep_searched (plans are then
-// remade from their bucket's choice without a new search). Handles stay: one per device.
-void clear_plans(bool keep_searched);
+// Destroy all plans (the Python side keeps the searched choices). Handles stay: one per device.
+void clear_plans();
 
 }  // namespace armor

@@ -16,7 +16,6 @@ py::dict plan_dict(const armor::PlanInfo& i) {
   d["n"] = i.n;
   d["k"] = i.k;
   d["tokens"] = i.tokens;
-  d["bucket"] = i.bucket;
   d["has_bias"] = i.has_bias;
   d["alpha_vector"] = i.alpha_vector;
   d["searched"] = i.searched;
@@ -50,11 +49,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("compress_buffer"), py::arg("stream"));
   m.def(
       "plan",
-      [](int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector) {
-        return plan_dict(armor::plan(device, dtype, n, k, tokens, bias, alpha_vector));
+      [](int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector, int alg_id,
+         int split_k, int split_k_mode, int split_k_buffers) {
+        armor::AlgConfig cfg{alg_id, split_k, split_k_mode, split_k_buffers};
+        return plan_dict(armor::plan(device, dtype, n, k, tokens, bias, alpha_vector, cfg));
       },
       py::arg("device"), py::arg("dtype"), py::arg("n"), py::arg("k"), py::arg("tokens"), py::arg("bias"),
-      py::arg("alpha_vector"));
+      py::arg("alpha_vector"), py::arg("alg_id") = -1, py::arg("split_k") = 1, py::arg("split_k_mode") = 0,
+      py::arg("split_k_buffers") = 0);
+  m.def("plan_workspace", &armor::plan_workspace, py::arg("device"), py::arg("dtype"), py::arg("n"), py::arg("k"),
+        py::arg("tokens"), py::arg("bias"), py::arg("alpha_vector"), py::arg("alg_id"));
   m.def(
       "search",
       [](int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector, uintptr_t x,
@@ -74,6 +78,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("matmul", &armor::matmul, py::arg("device"), py::arg("dtype"), py::arg("n"), py::arg("k"), py::arg("tokens"),
         py::arg("bias"), py::arg("x"), py::arg("compressed"), py::arg("out"), py::arg("alpha_ptr"), py::arg("alpha"),
         py::arg("workspace"), py::arg("workspace_size"), py::arg("stream"));
+  m.def("expand24", &armor::expand24, py::arg("values"), py::arg("meta"), py::arg("dense"), py::arg("rows"),
+        py::arg("cols"), py::arg("stream"));
   m.def(
       "expand24_host",
       [](uintptr_t values, uintptr_t meta, uintptr_t dense, int64_t rows, int64_t cols) {
@@ -86,5 +92,5 @@ PYBIND11_MODULE(_C, m) {
     for (const auto& i : armor::cached_plans()) out.append(plan_dict(i));
     return out;
   });
-  m.def("clear_plans", &armor::clear_plans, py::arg("keep_searched") = false);
+  m.def("clear_plans", &armor::clear_plans);
 }

@@ -1,5 +1,7 @@
-// cuSPARSELt 2:4 GEMM: one handle per device, load-time compression, and a plan cache
-// whose algorithm / split-K is chosen once per token bucket by cusparseLtMatmulSearch.
+// cuSPARSELt 2:4 GEMM: one handle per device, load-time compression, and a plan cache.
+// The policy (which configuration a plan gets, when to search, how large the search
+// workspace is, falling back to the default algorithm) lives in armor_kernels/cuda_ext.py;
+// this file makes, searches and runs plans and reports what cuSPARSELt says.
 //
 // Layout (only matrix A of a cuSPARSELt product may be sparse): we compute
 //   zᵀ[n, T] = S[n, k] · xᵀ[k, T]
@@ -106,10 +108,6 @@ void init_sparse_descr(const cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* d
            shape_str(dtype, n, k));
 }
 
-struct AlgConfig {
-  int alg_id = 0, split_k = 1, split_k_mode = 0, split_k_buffers = 0;
-};
-
 // All descriptors of one plan; they live as long as the plan (the plan may refer to them).
 struct Plan {
   const cusparseLtHandle_t* handle = nullptr;
@@ -150,27 +148,14 @@ struct Plan {
 };
 
 // Plans are per exact problem (descriptors hold the token count); the bias address is part
-// of the key because it is set on the matmul descriptor before the plan is made.
+// of the key because it is set on the matmul descriptor before the plan is made. The Python
+// side passes only a bias that lives as long as its compressed core (never a per-call tensor).
 using PlanKey = std::tuple<int, int, int64_t, int64_t, int64_t, uintptr_t, bool>;
-// Searched choices are shared by all token counts of a bucket.
-using BucketKey = std::tuple<int, int, int64_t, int64_t, int64_t, bool, bool>;
 
 std::map<PlanKey, std::shared_ptr<Plan>> g_plans;
-std::map<BucketKey, AlgConfig> g_searched;
-
-// Token buckets: powers of two (a choice searched at 1000 tokens serves 513..1024).
-int64_t bucket_of(int64_t tokens) {
-  int64_t b = 1;
-  while (b < tokens) b <<= 1;
-  return b;
-}
-
-BucketKey bucket_key(const PlanInfo& i) {
-  return {i.device, i.dtype, i.n, i.k, i.bucket, i.has_bias, i.alpha_vector};
-}
 
 std::shared_ptr<Plan> make_plan(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias,
-                                bool alpha_vector) {
+                                bool alpha_vector, const AlgConfig& cfg) {
   const std::string what = shape_str(dtype, n, k, tokens);
   const cudaDataType type = to_cuda_type(dtype);
   auto p = std::make_shared<Plan>();
@@ -182,7 +167,6 @@ std::shared_ptr<Plan> make_plan(int device, int dtype, int64_t n, int64_t k, int
   info.n = n;
   info.k = k;
   info.tokens = tokens;
-  info.bucket = bucket_of(tokens);
   info.has_bias = bias != 0;
   info.alpha_vector = alpha_vector;
 
@@ -207,54 +191,39 @@ std::shared_ptr<Plan> make_plan(int device, int dtype, int64_t n, int64_t k, int
   }
   LT_CHECK(cusparseLtMatmulAlgSelectionInit(h, &p->alg, &p->mm, CUSPARSELT_MATMUL_ALG_DEFAULT), what);
   p->made = 4;
-  bool from_bucket = false;
-  AlgConfig cfg;
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto found = g_searched.find(bucket_key(info));
-    if (found != g_searched.end()) {
-      from_bucket = true;
-      cfg = found->second;
-    }
-  }
-  if (from_bucket) {
+  if (cfg.alg_id >= 0) {  // else cuSPARSELt's default configuration
+    const std::string with = what + " with alg " + std::to_string(cfg.alg_id) + ", split-K " +
+                             std::to_string(cfg.split_k);
     LT_CHECK(cusparseLtMatmulAlgSetAttribute(h, &p->alg, CUSPARSELT_MATMUL_ALG_CONFIG_ID, &cfg.alg_id, sizeof(int)),
-             what);
-    LT_CHECK(cusparseLtMatmulAlgSetAttribute(h, &p->alg, CUSPARSELT_MATMUL_SPLIT_K, &cfg.split_k, sizeof(int)), what);
+             with);
+    LT_CHECK(cusparseLtMatmulAlgSetAttribute(h, &p->alg, CUSPARSELT_MATMUL_SPLIT_K, &cfg.split_k, sizeof(int)), with);
     if (cfg.split_k > 1) {
       LT_CHECK(cusparseLtMatmulAlgSetAttribute(h, &p->alg, CUSPARSELT_MATMUL_SPLIT_K_MODE, &cfg.split_k_mode,
                                                sizeof(int)),
-               what);
+               with);
       LT_CHECK(cusparseLtMatmulAlgSetAttribute(h, &p->alg, CUSPARSELT_MATMUL_SPLIT_K_BUFFERS, &cfg.split_k_buffers,
                                                sizeof(int)),
-               what);
+               with);
     }
+    LT_CHECK(cusparseLtMatmulPlanInit(h, &p->plan, &p->mm, &p->alg), with);
+  } else {
+    LT_CHECK(cusparseLtMatmulPlanInit(h, &p->plan, &p->mm, &p->alg), what);
   }
-  LT_CHECK(cusparseLtMatmulPlanInit(h, &p->plan, &p->mm, &p->alg), what);
   p->made = 5;
   p->read_config(what);
-  // the plan follows its bucket's searched choice, so it counts as searched
-  info.searched = from_bucket;
   return p;
 }
 
-std::shared_ptr<Plan> get_plan(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias,
-                               bool alpha_vector, bool create) {
+std::shared_ptr<Plan> find_plan(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias,
+                                bool alpha_vector) {
   check_shape(dtype, n, k, tokens);
-  const PlanKey key{device, dtype, n, k, tokens, bias, alpha_vector};
-  {
-    std::lock_guard<std::mutex> lock(g_mutex);
-    auto it = g_plans.find(key);
-    if (it != g_plans.end()) return it->second;
-  }
-  if (!create) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  auto it = g_plans.find(PlanKey{device, dtype, n, k, tokens, bias, alpha_vector});
+  if (it == g_plans.end()) {
     throw Error("no cuSPARSELt plan for " + shape_str(dtype, n, k, tokens) + " on device " + std::to_string(device) +
                 (bias ? " with this bias" : "") + ": call plan() first");
   }
-  DeviceGuard guard(device);
-  auto p = make_plan(device, dtype, n, k, tokens, bias, alpha_vector);  // takes g_mutex for the handle only
-  std::lock_guard<std::mutex> lock(g_mutex);
-  return g_plans.emplace(key, p).first->second;  // another thread may have won: keep the first
+  return it->second;
 }
 
 void check_workspace(const Plan& p, uintptr_t workspace, size_t workspace_size) {
@@ -319,14 +288,29 @@ void compress(int device, int dtype, int64_t n, int64_t k, uintptr_t values, uin
   LT_CHECK(st, what);
 }
 
-PlanInfo plan(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector) {
-  return get_plan(device, dtype, n, k, tokens, bias, alpha_vector, true)->info;
+PlanInfo plan(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector,
+              const AlgConfig& cfg) {
+  check_shape(dtype, n, k, tokens);
+  DeviceGuard guard(device);
+  auto p = make_plan(device, dtype, n, k, tokens, bias, alpha_vector, cfg);  // takes g_mutex for the handle only
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_plans[PlanKey{device, dtype, n, k, tokens, bias, alpha_vector}] = p;  // replaces an earlier plan of the key
+  return p->info;
+}
+
+size_t plan_workspace(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector,
+                      int alg_id) {
+  check_shape(dtype, n, k, tokens);
+  DeviceGuard guard(device);
+  AlgConfig cfg;
+  cfg.alg_id = alg_id;
+  return make_plan(device, dtype, n, k, tokens, bias, alpha_vector, cfg)->info.workspace;  // not kept
 }
 
 PlanInfo search(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, bool alpha_vector,
                 uintptr_t x, uintptr_t compressed, uintptr_t out, uintptr_t alpha_ptr, float alpha,
                 uintptr_t workspace, size_t workspace_size, uintptr_t stream) {
-  auto p = get_plan(device, dtype, n, k, tokens, bias, alpha_vector, true);
+  auto p = find_plan(device, dtype, n, k, tokens, bias, alpha_vector);
   const std::string what = shape_str(dtype, n, k, tokens);
   check_workspace(*p, workspace, workspace_size);
   if (alpha_vector != (alpha_ptr != 0)) throw Error("search: alpha vector given/expected mismatch for " + what);
@@ -341,19 +325,26 @@ PlanInfo search(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uin
                                     reinterpret_cast<const void*>(x), &beta, reinterpret_cast<const void*>(out),
                                     reinterpret_cast<void*>(out), reinterpret_cast<void*>(workspace), &s, 1),
              what);
-    p->read_config(what);
+    p->read_config(what);  // the chosen configuration and the workspace it needs
     p->info.searched = true;
-    AlgConfig cfg{p->info.alg_id, p->info.split_k, p->info.split_k_mode, p->info.split_k_buffers};
-    g_searched[bucket_key(p->info)] = cfg;
   }
   return p->info;
+}
+
+void expand24(uintptr_t values, uintptr_t meta, uintptr_t dense, int64_t rows, int64_t cols, uintptr_t stream) {
+  if (cols % 4 || rows < 0) throw Error("expand24: cols = " + std::to_string(cols) + " is not a multiple of 4");
+  if (rows * cols > 0 && (!values || !meta || !dense)) throw Error("expand24: null device address");
+  CUDA_CHECK(cudaError_t(launch_expand24(reinterpret_cast<const void*>(values), reinterpret_cast<const uint8_t*>(meta),
+                                         reinterpret_cast<void*>(dense), rows, cols,
+                                         reinterpret_cast<void*>(stream))),
+             "expand24 [" + std::to_string(rows) + ", " + std::to_string(cols) + "]");
 }
 
 void matmul(int device, int dtype, int64_t n, int64_t k, int64_t tokens, uintptr_t bias, uintptr_t x,
             uintptr_t compressed, uintptr_t out, uintptr_t alpha_ptr, float alpha, uintptr_t workspace,
             size_t workspace_size, uintptr_t stream) {
   const bool alpha_vector = alpha_ptr != 0;
-  auto p = get_plan(device, dtype, n, k, tokens, bias, alpha_vector, false);
+  auto p = find_plan(device, dtype, n, k, tokens, bias, alpha_vector);
   check_workspace(*p, workspace, workspace_size);
   if (!x || !compressed || !out) throw Error("matmul: null device address for " + shape_str(dtype, n, k, tokens));
   DeviceGuard guard(device);
@@ -374,10 +365,9 @@ std::vector<PlanInfo> cached_plans() {
   return out;
 }
 
-void clear_plans(bool keep_searched) {
+void clear_plans() {
   std::lock_guard<std::mutex> lock(g_mutex);
   g_plans.clear();
-  if (!keep_searched) g_searched.clear();
 }
 
 }  // namespace armor

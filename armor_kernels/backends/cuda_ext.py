@@ -1,83 +1,71 @@
-"""The 2:4 core through our compiled cuSPARSELt extension (``armor_kernels.cuda_ext``).
+"""The 2:4 core through our compiled extension (``armor_kernels.cuda_ext``), above the decode regime.
 
-Runs ``sparse24_matmul`` for CUDA fp16/bf16 above the decode regime (more than
-16 tokens), where cuSPARSELt's tensor-core GEMM pays off; decode is left to the
-small-batch Triton kernel (cuSPARSELt pads few-token products). ``armor_linear``
-is composed by ``dispatch`` from the wrappers and this core.
+``sparse24_matmul`` for CUDA fp16/bf16 with more than 16 tokens (decode goes to the
+small-batch Triton kernel: cuSPARSELt pads few-token products). ``armor_linear`` is
+composed by ``dispatch`` from the wrappers and this core. Two ways to run it:
 
-``prepare()`` compresses a layer into cuSPARSELt's layout once at load time and
-caches it keyed by the ``values`` tensor (weakly: the buffer goes when the layer
-does); a layer never prepared is compressed on its first call, and an in-place
-change of ``values`` (its version counter moves) recompresses it.
+- default, one copy of the core: our kernel expands ``values``/``meta`` into a dense
+  scratch (one per device, stream and dtype, shared by all layers, as large as the
+  largest layer seen: 117 MB for Llama-3-8B's MLP), then cuBLAS multiplies. Nothing
+  is kept per layer; the expansion reads 9/16 and writes 1 of the dense bytes per call.
+- ``ARMOR_CUSPARSELT_LAYOUT=1``: ``prepare()`` compresses each layer into cuSPARSELt's
+  layout once at load time (a second copy, 9/16 of the dense bytes) and the product runs
+  on 2:4 tensor cores with a searched plan per token bucket. The cache is keyed weakly
+  by the ``values`` tensor (the copy goes with the layer); an in-place change of
+  ``values`` recompresses it; turning the opt-in off and preparing again frees it.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import cuda_ext
-from ..dispatch import DECODE_MAX_TOKENS
-from .base import Backend
-
-
-def _version(t: torch.Tensor) -> int:
-    """The in-place version counter; inference tensors have none: compressed once."""
-    try:
-        return t._version
-    except RuntimeError:
-        return -1
+from .base import DECODE_MAX_TOKENS, HALF_DTYPES, Backend, LayoutCache, cusparselt_layout_enabled
 
 
 class CudaExtBackend(Backend):
     name = "cuda_ext"
-    priority = 30  # above torch_sparse (20) and triton: same library, but searched plans and no per-call setup
     ops = ("sparse24_matmul",)
+    device_types = ("cuda",)
+    min_capability = (8, 0)
+    dtypes = HALF_DTYPES
+    one_dtype = True
+    min_tokens: ClassVar[dict[str, int]] = {"sparse24_matmul": DECODE_MAX_TOKENS + 1}
 
     def __init__(self):
-        # values -> (values._version when compressed, CompressedCore)
-        self._cores = WeakTensorKeyDictionary()
-
-    def rank(self, device_type: str, regime: str) -> int:
-        return 4 if regime == "decode" else self.priority
+        self._cores = LayoutCache(lambda core: core.buffer.nbytes)
 
     def is_available(self) -> tuple[bool, str]:
         return cuda_ext.available()
 
-    def can_implement(self, op: str, x: torch.Tensor, *weights) -> tuple[bool, str]:
-        ok, why = super().can_implement(op, x, *weights)
-        if not ok:
-            return ok, why
-        values, meta = weights[0], weights[1]
-        if x.device.type != "cuda" or values.device != x.device:
-            return False, f"x on {x.device}, values on {values.device}: the extension needs both on one CUDA device"
-        major, minor = torch.cuda.get_device_capability(x.device)
-        if major < 8:
-            return False, f"GPU sm_{major}{minor}: 2:4 sparse tensor cores need sm_80 or newer"
-        if x.dtype != values.dtype:
-            return False, f"x is {x.dtype}, values {values.dtype}: one dtype expected"
-        why = cuda_ext.check_core_shapes(values, meta)
-        if why:
-            return False, why
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if tokens <= DECODE_MAX_TOKENS:
-            return False, f"{tokens} tokens: cuSPARSELt pads few-token products; decode goes to the small-batch kernel"
-        return True, ""
+    def check(self, op: str, x: torch.Tensor, *weights) -> str:
+        return cuda_ext.check_core_shapes(weights[0], weights[1])
 
-    def _core(self, values: torch.Tensor, meta: torch.Tensor) -> cuda_ext.CompressedCore:
-        entry = self._cores.get(values)
-        version = _version(values)
-        if entry is None or entry[0] != version:
-            entry = (version, cuda_ext.compress(values, meta))
-            self._cores[values] = entry
-        return entry[1]
-
+    # ---- layouts --------------------------------------------------------------------------
     def prepare(self, a, values, meta, b, bias) -> None:
-        if values.device.type == "cuda" and not cuda_ext.check_core_shapes(values, meta):
+        if not cusparselt_layout_enabled():
+            self._cores.pop(values)  # the default path reads values/meta: no copy to keep
+        elif values.device.type in self.device_types and not cuda_ext.check_core_shapes(values, meta):
             self._core(values, meta)
 
+    def release(self, values=None) -> None:
+        self._cores.pop(values)
+
+    def layout_bytes(self, values=None) -> int:
+        return self._cores.nbytes(values)
+
+    def workspace_bytes(self) -> int:
+        return cuda_ext.workspace_bytes()
+
+    def _core(self, values: torch.Tensor, meta: torch.Tensor) -> cuda_ext.CompressedCore:
+        return self._cores.get(values, lambda: cuda_ext.compress(values, meta))
+
     def sparse24_matmul(self, x, values, meta, bias=None):
-        return cuda_ext.sparse24_mm(x, self._core(values, meta), bias)
+        if values in self._cores or cusparselt_layout_enabled():  # a layer never prepared compresses here
+            return cuda_ext.sparse24_mm(x, self._core(values, meta), bias)
+        return cuda_ext.expanded_mm(x, values, meta, bias)
 
 
 BACKEND = CudaExtBackend()

@@ -10,9 +10,9 @@ Kernels exposed for direct timing (benchmarks) and tests:
   (B-wrapper, then 2:4 with A and bias fused; 3 when A's blocks are wider than a tile).
 
 Availability: needs triton, and either CUDA tensors or ``TRITON_INTERPRET=1``
-(set before triton is imported) for CPU tensors. On CPU the backend ranks below
-the reference, so automatic selection keeps the reference (the interpreter is
-for tests and is slow); ``ARMOR_BACKEND=triton`` forces it.
+(set before triton is imported) for CPU tensors. On CPU the selection table puts
+the backend after the reference (the interpreter is for tests and is slow);
+``ARMOR_BACKEND=triton`` forces it.
 
 Tile sizes are fixed per regime rather than autotuned: decode shapes are
 memory-bound, and a fixed table keeps the first call free of tuning runs and
@@ -23,10 +23,11 @@ per element with big tiles).
 from __future__ import annotations
 
 import os
+from typing import ClassVar
 
 import torch
 
-from .base import OPS, Backend
+from .base import DECODE_MAX_TOKENS, FLOAT_DTYPES, OPS, Backend, next_power_of_two
 
 try:
     import triton
@@ -40,23 +41,21 @@ except Exception as e:  # noqa: BLE001 - any import failure makes the backend un
     triton = tl = None
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
-# The small-batch 2:4 kernel's range (dispatch): the decode regime. A program holds
-# at most 16 tokens, so beyond that every 16-token tile reads the weights again.
-MAX_SMALL_TOKENS = 16
+# The small-batch 2:4 kernel's range: the decode regime. A program holds at most
+# 16 tokens, so beyond that every 16-token tile reads the weights again.
+MAX_SMALL_TOKENS = DECODE_MAX_TOKENS
 # From this many tokens the 2:4 kernel multiplies on tensor cores (16-row tiles)
 DOT_MIN_TOKENS = 9
 # Widest output block the epilogue fuses: a [128, 128] fp32 A tile is 64 registers
 # per thread at 8 warps; wider blocks take a separate wrapper launch.
 MAX_FUSED_BLOCK = 128
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
-def _np2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+_np2 = next_power_of_two
 
 
 def _dot_dtype(dtype: torch.dtype):
@@ -273,24 +272,18 @@ def decode_layer(x, a, values, meta, b, bias=None, out=None) -> torch.Tensor:
     return y if out is not None else y.reshape(*x.shape[:-1], values.shape[0])
 
 
-# name -> launcher, for benchmarks that time each kernel directly
-KERNELS = {"blockdiag": blockdiag, "sparse24_small": sparse24_small, "decode_layer": decode_layer}
-
-
 # ---------------------------------------------------------------------------
 # backend
 # ---------------------------------------------------------------------------
 class TritonBackend(Backend):
     name = "triton"
-    priority = 30
     ops = OPS
+    dtypes = FLOAT_DTYPES
+    max_tokens: ClassVar[dict[str, int]] = {"sparse24_matmul": MAX_SMALL_TOKENS, "armor_linear": MAX_SMALL_TOKENS}
 
-    def rank(self, device_type: str, regime: str) -> int:
-        """Selection order: first for decode on GPU; below the CUDA extension (30) for
-        more tokens; below the reference on CPU (the interpreter is for tests)."""
-        if device_type != "cuda":
-            return -10
-        return 60 if regime == "decode" else 25
+    @property
+    def device_types(self) -> tuple[str, ...]:
+        return ("cuda", "cpu") if interpreting() else ("cuda",)
 
     def is_available(self) -> tuple[bool, str]:
         if IMPORT_ERROR:
@@ -299,19 +292,10 @@ class TritonBackend(Backend):
             return False, "no CUDA GPU, and TRITON_INTERPRET=1 is not set (the interpreter runs the kernels on CPU)"
         return True, ""
 
-    def can_implement(self, op: str, x: torch.Tensor, *weights) -> tuple[bool, str]:
-        ok, why = super().can_implement(op, x, *weights)
-        if not ok:
-            return ok, why
-        if x.device.type != "cuda" and not (x.device.type == "cpu" and interpreting()):
-            return False, f"tensors on {x.device.type}: needs CUDA, or CPU with TRITON_INTERPRET=1"
-        for t in (x, *weights):
-            if isinstance(t, torch.Tensor) and t.dtype != torch.uint8 and t.dtype not in FLOAT_DTYPES:
-                return False, f"dtype {t.dtype} is not float32, float16 or bfloat16"
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if op in ("sparse24_matmul", "armor_linear") and tokens > MAX_SMALL_TOKENS:
-            return False, f"{tokens} tokens: the small-batch 2:4 kernel covers at most {MAX_SMALL_TOKENS}"
-        return True, ""
+    def check_device(self, x, weights) -> str:
+        if x.device.type not in self.device_types:
+            return f"tensors on {x.device.type}: needs CUDA, or CPU with TRITON_INTERPRET=1"
+        return super().check_device(x, weights)
 
     def blockdiag_matmul(self, x, blocks, bias=None):
         return blockdiag(x, blocks, bias)

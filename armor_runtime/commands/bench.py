@@ -1,14 +1,18 @@
-"""``armor bench kernels|e2e [--smoke] ...``: run a benchmark script of the source tree.
+"""``armor bench kernels|e2e [--smoke] ...``: run a benchmark of the source checkout.
 
-Everything after the benchmark name is passed to ``benchmarks/bench_<name>.py``
-unchanged (``armor bench kernels --help`` lists its options). The scripts live in
-the source checkout, not in the installed package.
+The benchmarks are not part of the installed package (they live in ``benchmarks/`` of
+the source tree, next to ``armor_runtime/``), and the package never imports them: this
+command runs ``python -m benchmarks.bench_<name>`` as its own process, with the checkout
+first on that process's ``PYTHONPATH``, in the current folder (so relative ``--out``
+paths stay the caller's). Without a checkout it says so and exits 2. Everything after
+the benchmark name is passed on unchanged (``armor bench kernels --help`` lists the options).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,23 +25,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(_accepts_unknown=True)
 
 
-def _import_script(module: str):
-    root = Path(__file__).resolve().parents[2]  # the checkout holding armor_runtime/ and benchmarks/
-    if not (root / "benchmarks" / "common.py").is_file():
-        raise FileNotFoundError(
-            f"benchmarks/ not found next to armor_runtime/ ({root}); the benchmark scripts ship with the "
-            "source tree: install with `pip install -e .` from a checkout or run `python -m benchmarks...` there"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    return importlib.import_module(module)
+def checkout() -> Path | None:
+    """The source checkout holding this ``armor_runtime`` and a ``benchmarks/`` folder, if any."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "benchmarks" / "common.py").is_file() else None
 
 
 def run(args) -> int:
     argv = list(args.script_args) + list(getattr(args, "unknown", []) or [])
-    try:
-        script = _import_script(SCRIPTS[args.which])
-    except FileNotFoundError as e:
-        print(f"armor bench: {e}", file=sys.stderr)
+    module = SCRIPTS[args.which]
+    root = checkout()
+    if root is None:
+        print(
+            f"armor bench: the benchmarks ship with the source tree, not the installed package; from a "
+            f"checkout run `python -m {module}` (or `pip install -e .` there and use `armor bench`)",
+            file=sys.stderr,
+        )
         return 2
-    return int(script.main(argv) or 0)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run([sys.executable, "-m", module, *argv], env=env, check=False).returncode

@@ -7,6 +7,13 @@ import json
 import platform
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
+ENV_VARS = (
+    "ARMOR_BACKEND",
+    "ARMOR_DISABLED_BACKENDS",
+    "ARMOR_CUSPARSELT_LAYOUT",
+    "ARMOR_CUSPARSELT_SEARCH",
+    "TRITON_INTERPRET",
+)
 
 
 def add_arguments(parser) -> None:
@@ -41,11 +48,7 @@ def collect(device: str | None = None, shape=(4096, 4096, 128)) -> dict:
         "transformers": _version("transformers"),
         "cuda (torch built with)": torch.version.cuda or "none (CPU build)",
         "gpus": [],
-        "env": {
-            k: os.environ[k]
-            for k in ("ARMOR_BACKEND", "ARMOR_DISABLED_BACKENDS", "TRITON_INTERPRET")
-            if k in os.environ
-        },
+        "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -58,8 +61,8 @@ def collect(device: str | None = None, shape=(4096, 4096, 128)) -> dict:
         str(cusparselt.version()) if cusparselt is not None and cusparselt.is_available() else "not available"
     )
     report = dispatch.report()
-    info["backends"] = report["backends"]
-    info["load_errors"] = report["load_errors"]
+    for key in ("selection", "backends", "load_errors", "cusparselt_layout", "layout_bytes", "workspace_bytes"):
+        info[key] = report[key]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     d_out, d_in, block = shape
     info["plan"] = {"device": device, "shape": f"{d_out}x{d_in}, block {block}", "by_dtype": {}}
@@ -81,12 +84,21 @@ def _print_text(info: dict) -> None:
     print(f"{'gpus':24s} {'; '.join(info['gpus']) or 'none'}")
     for k, v in info["env"].items():
         print(f"{k:24s} {v}")
-    print("\nbackends (selection order by regime: see the plan below)")
-    for name, st in sorted(info["backends"].items(), key=lambda kv: -kv[1]["priority"]):
+    print("\nbackends")
+    for name, st in info["backends"].items():
         state = "available" if st["available"] else f"unavailable: {st['reason']}"
-        print(f"  {name:14s} priority {st['priority']:3d}  {state}")
+        print(f"  {name:14s} {state}")
     for mod, err in info["load_errors"].items():
         print(f"  {mod:14s} not loaded: {err}")
+    print("\nselection order (first available that can run the op wins; armor_kernels.dispatch.SELECTION)")
+    for device, rows in info["selection"].items():
+        for regime, names in rows.items():
+            print(f"  {device:5s} {regime:8s} {' > '.join(names)}")
+    layout = "on: layers may hold cuSPARSELt's compressed copy" if info["cusparselt_layout"] else "off"
+    print(f"\nsecond copy of each 2:4 core (ARMOR_CUSPARSELT_LAYOUT=1): {layout}")
+    held = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in info["layout_bytes"].items()) or "none"
+    shared = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in info["workspace_bytes"].items()) or "none"
+    print(f"  layouts held by backends: {held}; shared workspaces: {shared}")
     plan = info["plan"]
     print(f"\nplan on {plan['device']} for a {plan['shape']} layer (tokens: decode 1, medium 64, prefill 1024)")
     for dtype, regimes in plan["by_dtype"].items():

@@ -79,11 +79,13 @@ def test_availability_has_a_reason():
     assert dispatch.report()["backends"]["cuda_ext"]["reason"] == why
 
 
-def test_backend_identity():
+def test_backend_identity_and_place_in_the_table():
     b = cuda_backend.BACKEND
     assert b.name == "cuda_ext" and b.ops == ("sparse24_matmul",)
-    assert b.priority > dispatch.get("reference").priority
-    assert b.rank("cuda", "prefill") == b.priority and b.rank("cuda", "decode") < b.priority
+    for regime in ("medium", "prefill"):
+        assert dispatch.order("cuda", regime)[0] == "cuda_ext"
+    assert "cuda_ext" not in dispatch.order("cuda", "decode")
+    assert b.min_tokens == {"sparse24_matmul": dispatch.DECODE_MAX_TOKENS + 1}
 
 
 def test_can_implement_rejects_cpu_with_reason():
@@ -118,7 +120,12 @@ def test_core_shape_rules(values, meta, rule):
 
 def test_backend_caches_one_compression_per_values_tensor(monkeypatch):
     calls = []
-    monkeypatch.setattr(cuda_ext, "compress", lambda v, m: calls.append(v) or object())
+
+    def fake_compress(v, m):
+        calls.append(v)
+        return cuda_ext.CompressedCore(torch.empty(100, dtype=torch.uint8), 32, 32, torch.float16)
+
+    monkeypatch.setattr(cuda_ext, "compress", fake_compress)
     backend = cuda_backend.CudaExtBackend()
     values, meta = torch.zeros(32, 16, dtype=torch.float16), torch.zeros(32, 4, dtype=torch.uint8)
     first = backend._core(values, meta)
@@ -128,8 +135,11 @@ def test_backend_caches_one_compression_per_values_tensor(monkeypatch):
     other = values.clone()
     backend._core(other, meta)
     assert len(calls) == 3 and len(backend._cores) == 2
+    assert backend.layout_bytes() == 200 and backend.layout_bytes(other) == 100
     del other, calls[:]  # the cache holds values weakly: the entry goes with the tensor
-    assert len(backend._cores) == 1
+    assert len(backend._cores) == 1 and backend.layout_bytes() == 100
+    backend.release(values)
+    assert len(backend._cores) == 0 and backend.layout_bytes() == 0
     with torch.inference_mode():
         frozen = torch.zeros(32, 16, dtype=torch.float16)
     assert backend._core(frozen, meta) is backend._core(frozen, meta)
@@ -244,23 +254,52 @@ def test_gpu_matches_reference(dtype, tokens):
 
 
 @pytest.mark.gpu
-def test_gpu_plan_cache_and_backend():
+def test_gpu_plan_cache_and_backend(monkeypatch):
     ok, why = cuda_ext.available()
     if not ok:
         pytest.skip(why)
+    monkeypatch.setenv("ARMOR_CUSPARSELT_LAYOUT", "1")  # the compressed copy and its plans
+    dispatch.reset()
     dtype, n, k = torch.float16, 128, 256
     values, meta = _layer(n, k, dtype)
-    dispatch.prepare(None, values, meta, None, None)
     x = torch.randn(3, 40, k, device="cuda", dtype=dtype)  # 120 tokens
     assert dispatch.select("sparse24_matmul", x, values, meta, None).backend.name == "cuda_ext"
+    cuda_backend.BACKEND.prepare(None, values, meta, None, None)
+    assert cuda_backend.BACKEND.layout_bytes(values) > 0
     out = armor_kernels.sparse24_matmul(x, values, meta)
     _close(out.reshape(-1, n), reference.sparse24_matmul(x.reshape(-1, k).float(), values.float(), meta), dtype)
     plans = [p for p in cuda_ext.cached_plans() if (p["n"], p["k"], p["tokens"]) == (n, k, 120)]
     assert plans and plans[0]["bucket"] == 128 and plans[0]["searched"] == cuda_ext._search_enabled()
+    if cuda_ext._search_enabled():
+        assert plans[0]["search_workspace"] >= plans[0]["workspace"]
     # another count in the same bucket reuses the searched choice without searching again
     armor_kernels.sparse24_matmul(torch.randn(104, k, device="cuda", dtype=dtype), values, meta)
     again = [p for p in cuda_ext.cached_plans() if (p["n"], p["k"], p["tokens"]) == (n, k, 104)]
-    assert again and again[0]["alg_id"] == plans[0]["alg_id"] and again[0]["split_k"] == plans[0]["split_k"]
+    assert again and (again[0].get("fallback") or again[0]["alg_id"] == plans[0]["alg_id"])
+    n_plans = len(cuda_ext.cached_plans())
+    for _ in range(3):  # a fresh bias per call makes no new plan
+        cuda_ext.sparse24_mm(x, cuda_backend.BACKEND._core(values, meta), torch.randn(n, device="cuda", dtype=dtype))
+    assert len(cuda_ext.cached_plans()) == n_plans
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_expanded_mm_matches_reference_without_a_copy(dtype, monkeypatch):
+    ok, why = cuda_ext.available()
+    if not ok:
+        pytest.skip(why)
+    monkeypatch.delenv("ARMOR_CUSPARSELT_LAYOUT", raising=False)
+    n, k = 256, 512
+    values, meta = _layer(n, k, dtype)
+    dense = torch.full((n, k), float("nan"), device="cuda", dtype=dtype)
+    cuda_ext.expand_into(values, meta, dense)
+    assert torch.equal(dense.view(torch.int16), sparse24.decompress(values, meta).view(torch.int16))
+    x = torch.randn(300, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    before = cuda_backend.BACKEND.layout_bytes()
+    out = cuda_backend.BACKEND.sparse24_matmul(x, values, meta, bias)
+    _close(out, reference.sparse24_matmul(x.float(), values.float(), meta, bias.float()), dtype)
+    assert cuda_backend.BACKEND.layout_bytes() == before  # nothing kept per layer
 
 
 @pytest.mark.gpu
@@ -278,7 +317,7 @@ def test_gpu_cuda_graph_capture():
         cuda_ext.sparse24_mm(x, core)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=side):
         out = cuda_ext.sparse24_mm(x, core)
     x.copy_(torch.randn_like(x))
     graph.replay()

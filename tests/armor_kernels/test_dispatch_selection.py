@@ -27,10 +27,9 @@ def test_cpu_picks_reference_even_with_the_interpreter(monkeypatch):
     x, ws = args(make())
     choice = dispatch.select("armor_linear", x, *ws)
     assert choice.backend.name == "reference"
-    if "triton" in dispatch.report()["backends"]:
-        assert dispatch.rank(dispatch.get("triton"), "cpu", "decode") < dispatch.rank(
-            dispatch.get("reference"), "cpu", "decode"
-        )
+    for regime in dispatch.REGIME_TOKENS:
+        row = dispatch.order("cpu", regime)
+        assert row[0] == "reference" and row.index("triton") > 0
 
 
 def test_forced_backend_that_cannot_run_raises_its_reason(monkeypatch):
@@ -87,7 +86,6 @@ class CountingBackend(Backend):
     """Runs the 2:4 core only (like cuSPARSELt), counts how often it is asked."""
 
     name = "counting"
-    priority = 50
     ops = ("sparse24_matmul",)
 
     def __init__(self):
@@ -105,11 +103,25 @@ class CountingBackend(Backend):
 
 @pytest.fixture
 def counting(monkeypatch):
+    """A new backend registered and put first in every CPU row of the selection table."""
     backend = CountingBackend()
     table = dict(dispatch._load())
     table[backend.name] = backend
     monkeypatch.setattr(dispatch, "_backends", table)
+    rows = {r: ("counting", *names) for r, names in dispatch.SELECTION["cpu"].items()}
+    monkeypatch.setitem(dispatch.SELECTION, "cpu", rows)
     return backend
+
+
+def test_a_registered_backend_outside_the_table_is_never_picked_automatically(monkeypatch):
+    backend = CountingBackend()
+    monkeypatch.setattr(dispatch, "_backends", {**dispatch._load(), backend.name: backend})
+    w = make()
+    assert dispatch.select("sparse24_matmul", torch.randn(2, 32), w.values, w.meta, None).backend.name == "reference"
+    assert backend.asked == 0
+    monkeypatch.setenv("ARMOR_BACKEND", "counting")  # forcing still works
+    dispatch.reset()
+    assert dispatch.select("sparse24_matmul", torch.randn(2, 32), w.values, w.meta, None).backend is backend
 
 
 def test_decision_is_made_once_per_shape_class(counting):
@@ -169,15 +181,79 @@ def test_armor_env_prints_versions_backends_plan_and_choices(capsys):
     assert info["plan"]["by_dtype"]["float16"]["prefill"]["armor_linear"]
 
 
+def test_selection_table_is_complete_and_names_known_backends():
+    modules = set(dispatch.BACKEND_MODULES)
+    for device, rows in dispatch.SELECTION.items():
+        assert set(rows) == set(dispatch.REGIME_TOKENS), device
+        for regime, names in rows.items():
+            assert "reference" in names, (device, regime)  # the oracle runs everything: in every row
+            assert set(names) <= modules and len(set(names)) == len(names)
+    assert dispatch.order("mps", "decode") == dispatch.order("cpu", "decode")  # no row: the CPU's
+
+
 def test_gpu_regime_order_small_batch_kernel_first_extension_for_more_tokens():
-    table = dispatch._load()
-    if "triton" not in table:
-        pytest.skip("triton backend not loaded")
-    triton = table["triton"]
-    assert dispatch.rank(triton, "cuda", "decode") > dispatch.rank(table["reference"], "cuda", "decode")
-    for other in ("cuda_ext", "torch_sparse"):
-        if other in table:
-            assert dispatch.rank(triton, "cuda", "decode") > dispatch.rank(table[other], "cuda", "decode")
-    if "cuda_ext" in table:
-        for regime in ("medium", "prefill"):
-            assert dispatch.rank(table["cuda_ext"], "cuda", regime) > dispatch.rank(triton, "cuda", regime)
+    decode, medium, prefill = (dispatch.order("cuda", r) for r in ("decode", "medium", "prefill"))
+    assert decode[0] == "triton" and "cuda_ext" not in decode
+    assert medium == prefill and medium.index("cuda_ext") < medium.index("torch_sparse")
+    assert medium.index("cuda_ext") < medium.index("triton")  # the core; triton runs the wrappers
+
+
+def test_shared_checks_name_the_rule():
+    from armor_kernels.backends.base import DECODE_MAX_TOKENS, HALF_DTYPES
+
+    class Gpu24(Backend):
+        name = "gpu24"
+        ops = ("sparse24_matmul",)
+        device_types = ("cuda",)
+        min_capability = (8, 0)
+        dtypes = HALF_DTYPES
+        one_dtype = True
+        max_tokens = {"sparse24_matmul": DECODE_MAX_TOKENS}  # noqa: RUF012 - a test class, never mutated
+
+    w = make()
+    b = Gpu24()
+    assert b.can_implement("armor_linear", torch.randn(1, 32), w.values, w.meta) == (False, "gpu24 has no armor_linear")
+    ok, why = b.can_implement("sparse24_matmul", torch.randn(1, 32), w.values, w.meta)
+    assert not ok and why == "tensors on cpu: gpu24 needs CUDA"
+    b.device_types = ("cpu",)
+    ok, why = b.can_implement("sparse24_matmul", torch.randn(1, 32), w.values, w.meta)
+    assert not ok and "dtype float32: gpu24 takes float16, bfloat16" in why
+    ok, why = b.can_implement("sparse24_matmul", torch.randn(1, 32).half(), w.values.bfloat16(), w.meta)
+    assert not ok and "one dtype" in why
+    ok, why = b.can_implement("sparse24_matmul", torch.randn(17, 32).half(), w.values.half(), w.meta)
+    assert not ok and why.startswith("17 tokens") and f"at most {DECODE_MAX_TOKENS}" in why
+    assert b.can_implement("sparse24_matmul", torch.randn(2, 8, 32).half(), w.values.half(), w.meta) == (True, "")
+
+
+def test_prepare_builds_only_what_the_layer_runs_and_frees_the_rest(monkeypatch):
+    class Layout(CountingBackend):
+        """A core backend holding one stand-in copy per layer, like cuSPARSELt's."""
+
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+            self.copies = {}
+
+        def prepare(self, a, values, meta, b, bias):
+            self.copies[id(values)] = torch.empty(values.numel() * 9 // 8, dtype=torch.uint8)
+
+        def release(self, values=None):
+            self.copies.clear() if values is None else self.copies.pop(id(values), None)
+
+        def layout_bytes(self, values=None):
+            return sum(t.nbytes for k, t in self.copies.items() if values is None or k == id(values))
+
+    first, second = Layout("first"), Layout("second")
+    monkeypatch.setattr(dispatch, "_backends", {**dispatch._load(), "first": first, "second": second})
+    rows = {r: ("first", "second", *names) for r, names in dispatch.SELECTION["cpu"].items()}
+    monkeypatch.setitem(dispatch.SELECTION, "cpu", rows)
+    w = make()
+    held = dispatch.prepare(w.a, w.values, w.meta, w.b, w.bias)
+    assert held == {"first": w.values.numel() * 9 // 8} and second.layout_bytes() == 0
+    monkeypatch.setenv("ARMOR_DISABLED_BACKENDS", "first")  # a switch: the new choice builds, the old one frees
+    dispatch.reset()
+    held = dispatch.prepare(w.a, w.values, w.meta, w.b, w.bias)
+    assert held == {"second": w.values.numel() * 9 // 8} and first.layout_bytes() == 0
+    assert dispatch.report()["layout_bytes"] == held
+    dispatch.release(w.values)
+    assert dispatch.layout_bytes() == {}

@@ -27,31 +27,61 @@ def test_can_implement_rejects_cpu_tensors_and_other_ops():
     assert not ok and "no armor_linear" in why
 
 
-def test_ranks_below_the_small_batch_kernel_for_decode():
-    assert dispatch.rank(torch_sparse.BACKEND, "cuda", "decode") < dispatch.rank(
-        torch_sparse.BACKEND, "cuda", "prefill"
-    )
-    triton = dispatch._load().get("triton")
-    if triton is not None:
-        assert dispatch.rank(triton, "cuda", "decode") > dispatch.rank(torch_sparse.BACKEND, "cuda", "decode")
+def test_not_for_decode_and_after_the_extension_for_prefill():
+    decode, prefill = dispatch.order("cuda", "decode"), dispatch.order("cuda", "prefill")
+    assert "torch_sparse" not in decode  # cuSPARSELt pads few-token products
+    assert prefill.index("cuda_ext") < prefill.index("torch_sparse")
+
+
+def test_its_copy_of_the_core_is_opt_in(monkeypatch):
+    backend = torch_sparse.TorchSparseBackend()
+    backend.device_types, backend.min_capability = ("cpu",), None  # the rule under test is the opt-in
+    values = torch.zeros(32, 16, dtype=torch.float16)
+    meta = torch.zeros(32, 4, dtype=torch.uint8)
+    x = torch.zeros(64, 32, dtype=torch.float16)
+    monkeypatch.delenv("ARMOR_CUSPARSELT_LAYOUT", raising=False)
+    monkeypatch.delenv("ARMOR_BACKEND", raising=False)
+    ok, why = backend.can_implement("sparse24_matmul", x, values, meta, None)
+    assert not ok and "ARMOR_CUSPARSELT_LAYOUT=1" in why
+    monkeypatch.setenv("ARMOR_BACKEND", "torch_sparse")  # forcing it asks for its layout
+    assert backend.can_implement("sparse24_matmul", x, values, meta, None) == (True, "")
+    monkeypatch.delenv("ARMOR_BACKEND")
+    monkeypatch.setenv("ARMOR_CUSPARSELT_LAYOUT", "1")
+    assert backend.can_implement("sparse24_matmul", x, values, meta, None) == (True, "")
+
+
+def test_layout_cache_is_weak_and_bounded_searches(monkeypatch):
+    monkeypatch.setattr(torch_sparse, "compress", lambda w: torch.empty(w.numel() * 9 // 16, dtype=torch.uint8))
+    backend = torch_sparse.TorchSparseBackend()
+    values = torch.zeros(32, 16, dtype=torch.float16)
+    meta = torch.zeros(32, 4, dtype=torch.uint8)
+    packed = backend._compressed(values, meta)
+    assert backend._compressed(values, meta) is packed and backend.layout_bytes() == packed.nbytes == 576
+    del values, packed
+    assert backend.layout_bytes() == 0  # went with the layer's tensor
+    monkeypatch.setattr(torch_sparse, "_searched", {i: {} for i in range(torch_sparse.MAX_SEARCHED)})
+    monkeypatch.setattr(torch_sparse, "_notes", {})
+    monkeypatch.setattr(torch_sparse, "search", lambda *a: ({"alg_id": 1}, "stand-in"))
+    monkeypatch.setattr(torch, "_cslt_sparse_mm", lambda p, d, bias=None, transpose_result=False, **kw: d.t() @ p)
+    y = torch_sparse.matmul(torch.eye(8, 4), torch.randn(3, 8), 4)
+    assert y.shape == (3, 4) and len(torch_sparse._searched) == 1  # full: cleared, then this class searched
 
 
 def test_search_is_feature_detected(monkeypatch):
-    backend = torch_sparse.TorchSparseBackend()
     # newer torch: torch._C._cusparselt.mm_search -> (alg_id, split_k, split_k_mode, max_alg_id)
     monkeypatch.setattr(
         torch._C, "_cusparselt", types.SimpleNamespace(mm_search=lambda *a: (3, 2, 1, 7)), raising=False
     )
     monkeypatch.setattr(torch_sparse, "_schema_args", lambda: {"alg_id", "split_k", "split_k_mode"})
-    kwargs, how = backend._search(None, None, None)
+    kwargs, how = torch_sparse.search(None, None, None)
     assert kwargs == {"alg_id": 3, "split_k": 2, "split_k_mode": 1} and "mm_search" in how
     # older torch: split_k_one_kernel instead of split_k_mode
     monkeypatch.setattr(torch_sparse, "_schema_args", lambda: {"alg_id", "split_k", "split_k_one_kernel"})
-    assert backend._search(None, None, None)[0] == {"alg_id": 3, "split_k": 2, "split_k_one_kernel": True}
+    assert torch_sparse.search(None, None, None)[0] == {"alg_id": 3, "split_k": 2, "split_k_one_kernel": True}
     # oldest: only torch._cslt_sparse_mm_search -> alg id
     monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(), raising=False)
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 5, raising=False)
-    kwargs, how = backend._search(None, None, None)
+    kwargs, how = torch_sparse.search(None, None, None)
     assert kwargs == {"alg_id": 5} and "_cslt_sparse_mm_search" in how
 
     # a failing search is visible, not fatal
@@ -59,7 +89,7 @@ def test_search_is_feature_detected(monkeypatch):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", broken)
-    kwargs, how = backend._search(None, None, None)
+    kwargs, how = torch_sparse.search(None, None, None)
     assert kwargs == {} and "boom" in how
 
 
@@ -73,11 +103,12 @@ def test_real_schema_has_the_arguments_we_pass():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 3, 17, 64])
-def test_gpu_matches_reference(dtype, tokens):
+def test_gpu_matches_reference(dtype, tokens, monkeypatch):
     backend = torch_sparse.BACKEND
     ok, why = backend.is_available()
     if not ok:
         pytest.skip(why)
+    monkeypatch.setenv("ARMOR_CUSPARSELT_LAYOUT", "1")
     core = torch.randn(256, 512)
     mask = sparse24.topk_mask(core.abs())
     w = ArmorWeights.from_factors(

@@ -7,6 +7,7 @@ import torch
 
 from armor_kernels import dispatch
 from benchmarks import bench_e2e, common
+from benchmarks.e2e import decode, models, variants
 
 
 def _fake_sparse_mm(packed, dense, bias=None, transpose_result=False, alg_id=0, **_):
@@ -16,20 +17,23 @@ def _fake_sparse_mm(packed, dense, bias=None, transpose_result=False, alg_id=0, 
 
 @pytest.fixture(scope="module")
 def smoke_rows(tmp_path_factory):
-    """One smoke run in the GPU suite's variant order (dense, armor, plain24). The plain 2:4
-    arm runs on CPU stand-ins with cuSPARSELt's calling convention (the plumbing is real)."""
-    from benchmarks import bench_kernels
+    """One smoke run in the GPU suite's variant order (dense, armor, armor_cslt, plain24). The plain
+    2:4 arm runs on CPU stand-ins with cuSPARSELt's calling convention (the plumbing is real)."""
+    from armor_kernels.backends import torch_sparse
 
     tmp = tmp_path_factory.mktemp("e2e")
     out = tmp / "e.csv"
     dispatch.reset()
-    argv = ["--smoke", "--variants", "dense,armor,plain24", "--prefill", "8", "--decode-batches", "1",
+    argv = ["--smoke", "--variants", "dense,armor,armor_cslt,plain24", "--prefill", "8", "--decode-batches", "1",
             "--decode-modes", "eager,cuda_graph", "--new-tokens", "2", "--out", str(out), "--scratch", str(tmp)]  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch, "_cslt_compress", lambda w: w.clone())
         mp.setattr(torch, "_cslt_sparse_mm", _fake_sparse_mm)
+        mp.setattr(torch._C, "_cusparselt", None, raising=False)
         mp.setattr(torch, "_cslt_sparse_mm_search", lambda *a, **k: 0, raising=False)
-        mp.setattr(bench_kernels, "cslt_status", lambda: (True, ""))
+        mp.setattr(torch_sparse, "status", lambda: (True, ""))
+        mp.setattr(torch_sparse, "_searched", {})
+        mp.setattr(torch_sparse, "_notes", {})
         assert bench_e2e.main(argv) == 0
     with open(out) as f:
         header = f.readline().strip().split(",")
@@ -59,16 +63,16 @@ def test_columns_and_rows(smoke_rows):
 def test_what_cannot_run_is_unavailable_with_reasons(smoke_rows):
     _, rows = smoke_rows
     graphs = [r for r in rows if r["decode_mode"] == "cuda_graph"]
-    assert len(graphs) == 3 and all(r["status"] == "unavailable" and "CUDA" in r["reason"] for r in graphs)
+    assert len(graphs) == 4 and all(r["status"] == "unavailable" and "CUDA" in r["reason"] for r in graphs)
     disk = _row(rows, variant="plain24", phase="disk")
     assert disk["status"] == "unavailable" and "no plain 2:4 checkpoint format" in disk["reason"]
 
 
 def test_variants_run_in_order_each_from_the_dense_model(smoke_rows):
     _, rows = smoke_rows
-    assert [r["variant"] for r in rows if r["phase"] == "weights"] == ["dense", "armor", "plain24"]
+    assert [r["variant"] for r in rows if r["phase"] == "weights"] == ["dense", "armor", "armor_cslt", "plain24"]
     plain = _row(rows, variant="plain24", phase="weights")
-    assert plain["status"] == "ok" and plain["impl"].startswith("Cslt24Linear")
+    assert plain["status"] == "ok" and plain["impl"].startswith("Plain24Linear")
     # built from the restored dense layers (ArmorLinear has no dense weight): the stand-in
     # "compress" keeps the whole masked matrix, so this model holds exactly the dense bytes
     assert int(plain["weights_bytes"]) == int(_row(rows, variant="dense", phase="weights")["weights_bytes"])
@@ -78,11 +82,22 @@ def test_variants_run_in_order_each_from_the_dense_model(smoke_rows):
 
 def test_armor_rows_are_labelled_cpu_reference_and_timed(smoke_rows):
     _, rows = smoke_rows
-    timed = [r for r in rows if r["variant"] == "armor" and r["phase"] in ("prefill", "decode") and r["status"] == "ok"]
-    assert len(timed) == 2  # prefill, decode eager
-    for r in timed:
-        assert r["impl"] == "cpu reference"
-        assert _f(r["tokens_per_s"]) > 0
+    for variant in ("armor", "armor_cslt"):
+        timed = [r for r in rows if r["variant"] == variant and r["phase"] in ("prefill", "decode") and r["status"] == "ok"]  # fmt: skip
+        assert len(timed) == 2  # prefill, decode eager
+        for r in timed:
+            assert r["impl"] == "cpu reference"
+            assert _f(r["tokens_per_s"]) > 0
+
+
+def test_weights_rows_report_layouts_and_what_the_copy_costs(smoke_rows):
+    _, rows = smoke_rows
+    armor, cslt = _row(rows, variant="armor", phase="weights"), _row(rows, variant="armor_cslt", phase="weights")
+    assert armor["layout_bytes"] == "0"  # one copy of each core by default
+    assert "ARMOR_CUSPARSELT_LAYOUT=1" in cslt["impl"]
+    # on CPU no cuSPARSELt backend runs, so no copy is kept; on a GPU the row holds its bytes
+    assert cslt["layout_bytes"] == "0" or torch.cuda.is_available()
+    assert all(r["resident_gib"] == "" for r in rows if r["phase"] == "weights") or torch.cuda.is_available()
 
 
 def test_tokens_per_s_and_speedups_are_consistent(smoke_rows):
@@ -114,11 +129,11 @@ def test_static_cache_decoder_matches_dynamic_cache():
     """The fixed-address decode step (what a CUDA graph captures) computes the same logits."""
     from transformers import DynamicCache
 
-    model, *_ = bench_e2e.build_model("tiny", None, torch.float32, torch.device("cpu"))
+    model, *_ = models.build_model("tiny", None, torch.float32, torch.device("cpu"))
     ids = torch.randint(model.config.vocab_size, (2, 5))
-    ck = bench_e2e.cache_kwarg(model)
+    ck = decode.cache_kwarg(model)
     with torch.no_grad():
-        dec = bench_e2e.StaticDecoder(model, ids, new=3)
+        dec = decode.StaticDecoder(model, ids, new=3)
         cache = DynamicCache()
         tok = model(ids, use_cache=True, **{ck: cache}).logits[:, -1:].argmax(-1)
         assert torch.equal(tok, dec.tok)
@@ -133,8 +148,8 @@ def test_static_cache_decoder_matches_dynamic_cache():
         assert int(dec.pos) == 5 and first.shape == (2, 1, model.config.vocab_size)
 
 
-def test_cslt_module_reports_why_it_cannot_run():
+def test_plain24_module_reports_why_it_cannot_run():
     if torch.cuda.is_available():
         pytest.skip("cuSPARSELt may run here")
-    with pytest.raises(bench_e2e.Unavailable, match="GPU"):
-        bench_e2e.Cslt24Linear(torch.nn.Linear(16, 8))
+    with pytest.raises(common.Unavailable, match="GPU"):
+        variants.Plain24Linear(torch.nn.Linear(16, 8))

@@ -192,6 +192,8 @@ def fake_cusparselt(monkeypatch):
     (padding, transposes, search results) that otherwise runs only on a GPU."""
     import types
 
+    from armor_kernels.backends import torch_sparse
+
     calls = {"search": 0}
 
     def compress(w):
@@ -211,7 +213,10 @@ def fake_cusparselt(monkeypatch):
     monkeypatch.setattr(torch, "_cslt_compress", compress)
     monkeypatch.setattr(torch, "_cslt_sparse_mm", sparse_mm)
     monkeypatch.setattr(torch._C, "_cusparselt", types.SimpleNamespace(mm_search=mm_search), raising=False)
-    monkeypatch.setattr(bench_kernels, "cslt_status", lambda: (True, ""))
+    monkeypatch.setattr(torch_sparse, "status", lambda: (True, ""))
+    monkeypatch.setattr(torch_sparse, "_schema_args", lambda: {"alg_id", "split_k", "split_k_mode", "bias"})
+    monkeypatch.setattr(torch_sparse, "_searched", {})
+    monkeypatch.setattr(torch_sparse, "_notes", {})
     return calls
 
 
@@ -224,16 +229,40 @@ def test_cslt_provider_pads_and_uses_the_searched_algorithm(fake_cusparselt, tok
     assert nbytes == w.nbytes
     assert "alg_id=3" in note and "split_k=2" in note and "split_k_mode=1" in note
     assert ("padded" in note) == (tokens % 8 != 0)
+    assert fake_cusparselt["search"] == 1  # timed calls reuse the search
 
 
-def test_cslt_module_matches_the_pruned_linear(fake_cusparselt, monkeypatch):
-    from benchmarks import bench_e2e
+def test_plain24_module_is_the_library_wrapper_and_matches_the_pruned_linear(fake_cusparselt):
+    from benchmarks.e2e import variants
 
-    monkeypatch.setattr(bench_e2e, "_ALGS", {})
     lin = torch.nn.Linear(64, 32)
-    mod = bench_e2e.Cslt24Linear(lin)
+    mod = variants.Plain24Linear(lin)
     x = torch.randn(2, 3, 64)
-    w24 = lin.weight * bench_e2e._magnitude_24(lin.weight)
+    w24 = lin.weight * variants.magnitude_24(lin.weight)
     torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, w24, lin.bias), rtol=1e-5, atol=1e-5)
-    mod(torch.randn(2, 3, 64))  # same padded token count: the search result is reused
+    mod(torch.randn(2, 3, 64))  # same token bucket: the search result is reused
     assert fake_cusparselt["search"] == 1
+    assert [n for n, _ in mod.named_buffers()] == ["packed", "bias"]  # no dense weight kept
+
+
+def test_benchmarks_have_no_cusparselt_wrapper_of_their_own():
+    import inspect
+
+    from benchmarks import check_cuda_ext
+    from benchmarks.e2e import variants
+
+    for module in (bench_kernels, variants, check_cuda_ext):
+        text = inspect.getsource(module)
+        assert "_cslt_sparse_mm(" not in text and "mm_search(" not in text, module.__name__
+
+
+def test_forced_backend_sets_and_restores_the_environment(monkeypatch):
+    import os
+
+    monkeypatch.setenv("ARMOR_BACKEND", "reference")
+    monkeypatch.delenv("ARMOR_CUSPARSELT_LAYOUT", raising=False)
+    with bench_kernels.forced_backend("auto+cslt"):
+        assert "ARMOR_BACKEND" not in os.environ and os.environ["ARMOR_CUSPARSELT_LAYOUT"] == "1"
+    assert os.environ["ARMOR_BACKEND"] == "reference" and "ARMOR_CUSPARSELT_LAYOUT" not in os.environ
+    with bench_kernels.forced_backend("cuda_ext"):
+        assert os.environ["ARMOR_BACKEND"] == "cuda_ext" and "ARMOR_CUSPARSELT_LAYOUT" not in os.environ
