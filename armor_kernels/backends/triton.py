@@ -234,8 +234,8 @@ def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, spl
     m_tiles = _cdiv(m, bm)
     n_steps = _cdiv(n_vals, step)
     if split_k is None:
-        # fill the GPU twice over (2 programs per SM), keeping >= 4 steps per split
-        split_k = 1 if interp else max(1, min(_cdiv(2 * sms, n_tiles * m_tiles), n_steps // 4))
+        # fill the GPU twice over (2 programs per SM), keeping >= 2 steps per split
+        split_k = 1 if interp else max(1, min(_cdiv(2 * sms, n_tiles * m_tiles), n_steps // 2))
     vals_per_split = _cdiv(n_steps, max(1, split_k)) * step
     split_k = _cdiv(n_vals, vals_per_split)
     dot = _dot_dtype(w_dtype)
@@ -298,10 +298,11 @@ def sparse24_small(
     mt, split, bm, n_tiles = plan["ws_shape"]
     ws, cnt = _workspace(x.device, mt, split, bm, d_out, n_tiles)
     a_t = values if a is None else (a if a.is_contiguous() else a.contiguous())
+    pairs = values.view(torch.int32) if plan["meta"]["USE_DOT"] else values
     _launch(
         sparse24_small_kernel, plan["grid"],
-        (x2, values, meta, a_t, bias if bias is not None else values, y, ws, cnt,
-         m, d_out, half, plan["rows"], b_out or 1, plan["vals_per_split"],
+        (x2, values, pairs, meta, a_t, bias if bias is not None else values, y, ws, cnt,
+         m, d_out, half, meta.shape[1], plan["rows"], b_out or 1, plan["vals_per_split"],
          x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0), y.stride(1)),
         dict(plan["meta"], FUSE_A=a is not None, HAS_BIAS=bias is not None),
     )  # fmt: skip

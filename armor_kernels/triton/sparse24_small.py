@@ -79,6 +79,7 @@ def _split_dot(z, b, acc, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr):
 def sparse24_small_kernel(
     x_ptr,
     vals_ptr,
+    pairs_ptr,
     meta_ptr,
     a_ptr,
     bias_ptr,
@@ -88,6 +89,7 @@ def sparse24_small_kernel(
     M,
     D_OUT,
     N_VALS,
+    N_META,
     ROWS_PER_TILE,
     B_OUT,
     VALS_PER_SPLIT,
@@ -133,21 +135,11 @@ def sparse24_small_kernel(
     bit10 = (4 << sh)[None, None, :]
     bit11 = (8 << sh)[None, None, :]
 
-    # ---- A tile (epilogue operand), loaded before the main loop's results are needed
-    if FUSE_A:
-        # at[j, i] = A[blk, i % b, j % b] when rows i and j are in the same block, else 0
-        blk = lane // B_OUT
-        r = lane % B_OUT
-        first_blk = pid_o * (ROWS_PER_TILE // B_OUT)
-        a_off = (first_blk + blk).to(tl.int64)[None, :] * B_OUT * B_OUT + r[None, :] * B_OUT + r[:, None]
-        a_ok = (blk[:, None] == blk[None, :]) & row_ok[:, None] & row_ok[None, :]
-        at = tl.load(a_ptr + a_off, mask=a_ok, other=0.0)
-
     ws_base = ws_ptr + (pid_m * SPLIT_K + pid_k).to(tl.int64) * BLOCK_M * D_OUT
     if USE_DOT:
         # ---- tensor cores: dense 16-bit tile from 32-bit value pairs
-        pairs = vals_ptr.to(tl.pointer_type(tl.int32))
-        p_rows = pairs + rows.to(tl.int64)[:, None, None] * (stride_vo // 2)
+        # pairs_ptr: the same values viewed as int32, one word per group
+        p_rows = pairs_ptr + rows.to(tl.int64)[:, None, None] * (stride_vo // 2)
         kk = tl.arange(0, NT * 16)
         mm = tl.arange(0, BLOCK_M)
         x_tok = x_ptr + (m0 + mm).to(tl.int64)[None, :] * stride_xm
@@ -155,13 +147,9 @@ def sparse24_small_kernel(
         acc = tl.zeros((BLOCK_O, BLOCK_M), dtype=tl.float32)
         for k0 in range(v_lo, v_hi, NT * 8):
             g = k0 // 2 + t[:, None] * 4 + q[None, :]  # group index [NT, 4]
-            g_ok = rok3 & (2 * g < v_hi)[None, :, :]
-            pr = tl.load(p_rows + g[None, :, :], mask=g_ok, other=0)
-            mb = tl.load(
-                m_rows + (k0 // 4 + 2 * t)[None, :, None] + b2[None, None, :],
-                mask=rok3 & ((k0 + 8 * t)[None, :, None] + 4 * b2[None, None, :] < v_hi),
-                other=0,
-            )
+            pr = tl.load(p_rows + g[None, :, :], mask=rok3 & (g < v_hi // 2)[None, :, :], other=0)
+            mbyte = k0 // 4 + 2 * t[:, None] + b2[None, :]  # [NT, 2]
+            mb = tl.load(m_rows + mbyte[None, :, :], mask=rok3 & (mbyte < N_META)[None, :, :], other=0)
             word = tl.sum(mb.to(tl.int32) << (8 * b2)[None, None, :], axis=2)[:, :, None]
             nib = (word >> sh[None, None, :]) & 15
             i0 = nib & 3
@@ -195,11 +183,9 @@ def sparse24_small_kernel(
             voff = k0 + t[:, None] * 8 + e8[None, :]  # [NT, 8]
             v = tl.load(v_rows + voff[None, :, :], mask=rok3 & (voff < v_hi)[None, :, :], other=0.0)
             v0, v1 = tl.split(tl.reshape(v.to(tl.float32), (BLOCK_O, NT, 4, 2)))
-            mb = tl.load(
-                m_rows + (k0 // 4 + 2 * t)[None, :, None] + b2[None, None, :],
-                mask=rok3 & ((k0 + 8 * t)[None, :, None] + 4 * b2[None, None, :] < v_hi),
-                other=0,
-            )
+            # bytes past the split's end are harmless (their values load as 0); only the row end is masked
+            mbyte = k0 // 4 + 2 * t[:, None] + b2[None, :]  # [NT, 2]
+            mb = tl.load(m_rows + mbyte[None, :, :], mask=rok3 & (mbyte < N_META)[None, :, :], other=0)
             word = tl.sum(mb.to(tl.int32) << (8 * b2)[None, None, :], axis=2)[:, :, None]
             f00 = _bit_as_float(word, bit00)
             f01 = _bit_as_float(word, bit01)
@@ -224,6 +210,17 @@ def sparse24_small_kernel(
         if BLOCK_M > 2:
             _store_partial(ws_base + 2 * D_OUT, rows, row_ok, acc2)
             _store_partial(ws_base + 3 * D_OUT, rows, row_ok, acc3)
+
+    # ---- A tile (epilogue operand): loaded after the loop (not live in it) and before the counter, so its
+    # latency overlaps the partial's store and the atomic
+    if FUSE_A:
+        # at[j, i] = A[blk, i % b, j % b] when rows i and j are in the same block, else 0
+        blk = lane // B_OUT
+        r = lane % B_OUT
+        first_blk = pid_o * (ROWS_PER_TILE // B_OUT)
+        a_off = (first_blk + blk).to(tl.int64)[None, :] * B_OUT * B_OUT + r[None, :] * B_OUT + r[:, None]
+        a_ok = (blk[:, None] == blk[None, :]) & row_ok[:, None] & row_ok[None, :]
+        at = tl.load(a_ptr + a_off, mask=a_ok, other=0.0)
 
     # ---- split-K reduction and epilogue, by the last program of the tile
     # every thread's partial is written before the counter moves (bar.sync + release)
