@@ -120,7 +120,7 @@ def classify(op: str, mods: str) -> str:
     if op in _CVT:
         return "cvt"
     if op in _BAR:
-        return "bar"
+        return "sync"
     return "other"
 
 

@@ -128,7 +128,8 @@ def _blockdiag_config(m: int, bs: int) -> dict:
             "num_stages": 2,
         }
     if m <= MAX_SMALL_TOKENS:
-        return {"BLOCK_M": 16, "BLOCK_N": min(p, 64), "BLOCK_K": min(p, 128), "num_warps": 4, "num_stages": 2}
+        # one K step for b <= 128: no pipelining (2 stages spilled 8 B/thread on sm_90a)
+        return {"BLOCK_M": 16, "BLOCK_N": min(p, 64), "BLOCK_K": min(p, 128), "num_warps": 4, "num_stages": 1}
     bm = 128 if m >= 128 else 64
     bn = min(p, 128)
     return {
@@ -144,7 +145,7 @@ _bd_plans: dict = {}
 
 
 def _blockdiag_plan(m: int, n: int, bs: int, x_dtype, w_dtype) -> tuple:
-    key = (m, n, bs, x_dtype, w_dtype, interpreting())
+    key = (m, n, bs, x_dtype, w_dtype)
     plan = _bd_plans.get(key)
     if plan is None:
         cfg = _blockdiag_config(m, bs)
@@ -172,7 +173,7 @@ def blockdiag(x, blocks, bias=None, out=None, out_dtype=None) -> torch.Tensor:
     grid, kw = _blockdiag_plan(m, n, bs, x.dtype, blocks.dtype)
     _launch(
         blockdiag_kernel, grid,
-        (x2, w, bias if bias is not None else w, y, m, bs, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1)),
+        (x2, w, bias if bias is not None else w, y, m, bs, *x2.stride(), *y.stride()),
         dict(kw, HAS_BIAS=bias is not None),
     )  # fmt: skip
     return y if out is not None else y.reshape(*x.shape[:-1], n * bs)
@@ -211,11 +212,11 @@ _sp_plans: dict = {}
 
 def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, split_k=None) -> dict:
     """Tile sizes, split and grid of ``sparse24_small`` for one shape (cached: no work on the hot path)."""
-    interp = interpreting()
-    key = (m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot, split_k, interp)
+    key = (m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot, split_k)
     plan = _sp_plans.get(key)
     if plan is not None:
         return plan
+    interp = interpreting()
     n_vals = d_in // 2
     if use_dot is None:
         use_dot = m >= DOT_MIN_TOKENS
@@ -303,7 +304,7 @@ def sparse24_small(
         sparse24_small_kernel, plan["grid"],
         (x2, values, pairs, meta, a_t, bias if bias is not None else values, y, ws, cnt,
          m, d_out, half, meta.shape[1], plan["rows"], b_out or 1, plan["vals_per_split"],
-         x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0), y.stride(1)),
+         *x2.stride(), values.stride(0), meta.stride(0), *y.stride()),
         dict(plan["meta"], FUSE_A=a is not None, HAS_BIAS=bias is not None),
     )  # fmt: skip
     return y if out is not None else y.reshape(*x.shape[:-1], d_out)
