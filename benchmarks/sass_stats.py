@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 _FMA = {"FFMA", "FMUL", "FADD", "IMAD", "HFMA2", "HMUL2", "HADD2", "FMNMX2"}
 _ALU = {
     "LOP3", "IADD3", "SHF", "SEL", "FSEL", "ISETP", "FSETP", "PRMT", "LEA", "FMNMX", "IMNMX", "VIMNMX",
-    "IABS", "PLOP3", "MOV", "SGXT", "BMSK", "LOP", "IADD", "IMNMX", "FCHK", "P2R", "R2P", "PSETP",
+    "IABS", "PLOP3", "MOV", "SGXT", "BMSK", "LOP", "IADD", "FCHK", "P2R", "R2P", "PSETP",
     "HSETP2", "HSET2", "VIADD", "VIADDMNMX", "FLO", "POPC", "BREV",
 }  # fmt: skip
 _CVT = {"F2F", "F2FP", "I2F", "F2I", "I2FP", "F2IP", "FRND"}
@@ -61,9 +61,15 @@ class GPU:
 GPUS = {
     "H200": GPU("H200", "sm_90a", 132, 1.98e9, 4.3e12, "4.3 TB/s: device copy measured on one H200"),
     "A100": GPU(
-        "A100", "sm_80", 108, 1.41e9, 2.039e12, "2.04 TB/s: A100-80G SXM datasheet (no copy measured)",
-        smem_per_sm=164 * 1024, smem_per_block=163 * 1024,
-    ),  # fmt: skip
+        "A100",
+        "sm_80",
+        108,
+        1.41e9,
+        2.039e12,
+        "2.04 TB/s: A100-80G SXM datasheet (no copy measured)",
+        smem_per_sm=164 * 1024,
+        smem_per_block=163 * 1024,
+    ),
 }
 
 

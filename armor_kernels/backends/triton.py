@@ -247,12 +247,12 @@ def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, spl
         "vals_per_split": vals_per_split,
         "steps_per_program": _cdiv(vals_per_split, step),
         "ws_shape": (m_tiles, split_k, bm, n_tiles),
-        "meta": dict(
-            BLOCK_M=bm, BLOCK_O=bo, NT=nt, SPLIT_K=split_k, USE_DOT=use_dot, DOT_DTYPE=dot,
-            X_SPLIT=use_dot and x_dtype == torch.float32 and dot != tl.float32,
-            Z_SPLIT=dot != tl.float32, EPI_M=max(16, bm),
-            num_warps=8 if chunks >= 512 else 4, num_stages=1,
-        ),
+        "meta": {
+            "BLOCK_M": bm, "BLOCK_O": bo, "NT": nt, "SPLIT_K": split_k, "USE_DOT": use_dot, "DOT_DTYPE": dot,
+            "X_SPLIT": use_dot and x_dtype == torch.float32 and dot != tl.float32,
+            "Z_SPLIT": dot != tl.float32, "EPI_M": max(16, bm),
+            "num_warps": 8 if chunks >= 512 else 4, "num_stages": 1,
+        },
     }  # fmt: skip
     return plan
 

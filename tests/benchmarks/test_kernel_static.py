@@ -36,7 +36,7 @@ def test_sass_loop_and_classes(monkeypatch):
     main = ss.main_loop(ins)
     c = main.counts
     assert (c["ldg128"], c["ldg16"], c["ffma"], c["alu"], c["lsu"], c["total"]) == (1, 1, 1, 1, 2, 5)
-    other = [lp for lp in lps if lp.start != main.start][0].counts
+    other = next(lp for lp in lps if lp.start != main.start).counts
     assert (other["shfl"], other["bar"]) == (1, 1)
     # issue: 5 warp-instructions; the lsu pipe needs 2 / 0.25 = 8 cycles: the bound is the slower
     assert ss.issue_cycles(c, "sm_90a") == 8.0
@@ -56,7 +56,7 @@ def test_smoke_compiles_every_decode_kernel_for_both_targets():
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run(
         [sys.executable, "-m", "benchmarks.kernel_static", "--smoke"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+        check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [line for line in p.stdout.splitlines() if "launches" in line]
