@@ -44,10 +44,15 @@ except Exception as e:  # noqa: BLE001 - any import failure makes the backend un
 # The small-batch 2:4 kernel's range: the decode regime. A program holds at most
 # 16 tokens, so beyond that every 16-token tile reads the weights again.
 MAX_SMALL_TOKENS = DECODE_MAX_TOKENS
-# From this many tokens the 2:4 kernel multiplies on tensor cores (16-row tiles)
-DOT_MIN_TOKENS = 9
-# Widest output block the epilogue fuses: a [128, 128] fp32 A tile is 64 registers
-# per thread at 8 warps; wider blocks take a separate wrapper launch.
+# From this many tokens the 2:4 kernel multiplies on tensor cores (16-row tiles, 16-bit
+# weights): the CUDA-core path costs ~3 FMAs per kept value and token on top of ~8
+# fixed instructions per value, the tensor-core path ~11 per value for any count (sm_90a
+# machine code, benchmarks/results/kernel_static.md); they cross near 3 tokens.
+DOT_MIN_TOKENS = 3
+# Tokens one CUDA-core program handles (one accumulator set per token)
+CUDA_CORE_TOKENS = 4
+# Widest output block the epilogue fuses: the [128, 128] 16-bit A tile is 32
+# registers per thread at 8 warps; wider blocks take a separate wrapper launch.
 MAX_FUSED_BLOCK = 128
 
 
@@ -58,17 +63,33 @@ def interpreting() -> bool:
 _np2 = next_power_of_two
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _dot_dtype(dtype: torch.dtype):
+    """Tensor-core operand type from the *weights'* dtype (an fp32 input is split, not promoted)."""
     # the interpreter's bf16/fp16 dot goes through numpy; fp32 there is exact and fast
     if interpreting() or dtype == torch.float32:
         return tl.float32
     return tl.float16 if dtype == torch.float16 else tl.bfloat16
 
 
+_sm_counts: dict = {}
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _sm_counts:
+        _sm_counts[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _sm_counts[key]
+
+
+def _launch(kernel, grid, args, kwargs):
+    """Every launch goes through here (benchmarks/kernel_static.py records them instead)."""
+    kernel[grid](*args, **kwargs)
 
 
 def _as_2d(x: torch.Tensor, k: int, name: str = "x") -> torch.Tensor:
@@ -106,7 +127,8 @@ def _blockdiag_config(m: int, bs: int) -> dict:
             "num_stages": 2,
         }
     if m <= MAX_SMALL_TOKENS:
-        return {"BLOCK_M": 16, "BLOCK_N": min(p, 64), "BLOCK_K": min(p, 128), "num_warps": 4, "num_stages": 2}
+        # one K step for b <= 128: no pipelining (2 stages spilled 8 B/thread on sm_90a)
+        return {"BLOCK_M": 16, "BLOCK_N": min(p, 64), "BLOCK_K": min(p, 128), "num_warps": 4, "num_stages": 1}
     bm = 128 if m >= 128 else 64
     bn = min(p, 128)
     return {
@@ -116,6 +138,22 @@ def _blockdiag_config(m: int, bs: int) -> dict:
         "num_warps": 8 if bm * bn >= 128 * 128 else 4,
         "num_stages": 3,
     }
+
+
+_bd_plans: dict = {}
+
+
+def _blockdiag_plan(m: int, n: int, bs: int, x_dtype, w_dtype) -> tuple:
+    key = (m, n, bs, x_dtype, w_dtype)
+    plan = _bd_plans.get(key)
+    if plan is None:
+        cfg = _blockdiag_config(m, bs)
+        use_dot = min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16
+        dot = _dot_dtype(w_dtype)
+        x_split = use_dot and x_dtype == torch.float32 and dot != tl.float32
+        grid = (_cdiv(m, cfg["BLOCK_M"]), n, _cdiv(bs, cfg["BLOCK_N"]))
+        plan = _bd_plans[key] = (grid, dict(cfg, USE_DOT=use_dot, DOT_DTYPE=dot, X_SPLIT=x_split))
+    return plan
 
 
 def blockdiag(x, blocks, bias=None, out=None, out_dtype=None) -> torch.Tensor:
@@ -130,14 +168,12 @@ def blockdiag(x, blocks, bias=None, out=None, out_dtype=None) -> torch.Tensor:
     y = _out(out, m, n * bs, out_dtype or x.dtype, x.device)
     if m == 0:
         return y if out is not None else y.reshape(*x.shape[:-1], n * bs)
-    w = blocks.contiguous()
-    cfg = _blockdiag_config(m, bs)
-    use_dot = min(cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]) >= 16
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), n, triton.cdiv(bs, cfg["BLOCK_N"]))
-    blockdiag_kernel[grid](
-        x2, w, bias if bias is not None else w, y, m, bs,
-        x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, USE_DOT=use_dot, DOT_DTYPE=_dot_dtype(x.dtype), **cfg,
+    w = blocks if blocks.is_contiguous() else blocks.contiguous()
+    grid, kw = _blockdiag_plan(m, n, bs, x.dtype, blocks.dtype)
+    _launch(
+        blockdiag_kernel, grid,
+        (x2, w, bias if bias is not None else w, y, m, bs, *x2.stride(), *y.stride()),
+        dict(kw, HAS_BIAS=bias is not None),
     )  # fmt: skip
     return y if out is not None else y.reshape(*x.shape[:-1], n * bs)
 
@@ -153,14 +189,16 @@ def _workspace(device, m_tiles: int, split: int, bm: int, d_out: int, n_tiles: i
 
     The counters return to 0 at the end of every launch, so the buffers need no
     reset; they assume one launch at a time per device and shape (one stream).
+    Allocated on the first call for a shape: warm up once before CUDA-graph capture.
     """
     key = (device, m_tiles, split, bm, d_out, n_tiles)
-    if key not in _workspaces:
-        _workspaces[key] = (
+    ws = _workspaces.get(key)
+    if ws is None:
+        ws = _workspaces[key] = (
             torch.empty(m_tiles, split, bm, d_out, dtype=torch.float32, device=device),
             torch.zeros(m_tiles, n_tiles, dtype=torch.int32, device=device),
         )
-    return _workspaces[key]
+    return ws
 
 
 def fusable(a: torch.Tensor | None) -> bool:
@@ -168,24 +206,54 @@ def fusable(a: torch.Tensor | None) -> bool:
     return a is not None and a.shape[-1] <= MAX_FUSED_BLOCK
 
 
-def _sparse_config(m: int, b_out: int | None, n_groups: int, use_dot: bool) -> dict:
-    bm = min(_np2(m), MAX_SMALL_TOKENS)
+_sp_plans: dict = {}
+
+
+def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, split_k=None) -> dict:
+    """Tile sizes, split and grid of ``sparse24_small`` for one shape (cached: no work on the hot path)."""
+    key = (m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot, split_k)
+    plan = _sp_plans.get(key)
+    if plan is not None:
+        return plan
+    interp = interpreting()
+    n_vals = d_in // 2
+    if use_dot is None:
+        use_dot = m >= DOT_MIN_TOKENS
+    use_dot = bool(use_dot) and w_dtype != torch.float32  # the pair-placement path is for 16-bit weights
+    bm = 16 if use_dot else min(_np2(m), CUDA_CORE_TOKENS)
     if b_out is not None:
         # a tile = as many whole A blocks as fit in 128 rows (1 block of 96, 4 of 32, ...)
         rows = b_out * max(1, MAX_FUSED_BLOCK // b_out)
     else:
-        rows = 64
+        rows = max(16, min(128, _np2(d_out)))
     bo = _np2(rows)
-    # product tile [BLOCK_M, BLOCK_O, 4*BLOCK_G]: ~16K fp32 on GPU (64 per thread at 8 warps)
-    # (tensor-core path: only the [BLOCK_O, 4*BLOCK_G] expanded tile, 128 columns)
-    budget = 1 << 18 if interpreting() else 1 << 14
-    bg = 32 if use_dot else budget // (bm * bo * 4)
-    bg = max(4 if use_dot else 1, min(64, bg, _np2(n_groups)))  # tl.dot needs K = 4*BLOCK_G >= 16
-    return {"rows": rows, "BLOCK_M": bm, "BLOCK_O": bo, "BLOCK_G": _pow2_floor(bg)}
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (int(n).bit_length() - 1)
+    # NT threads along a row, 8 values (4 groups) each: 8 x 16 B = 128 B per row and step
+    nt = max(1, min(8, _np2(_cdiv(d_in // 4, 4))))
+    step = 8 * nt
+    n_tiles = _cdiv(d_out, rows)
+    m_tiles = _cdiv(m, bm)
+    n_steps = _cdiv(n_vals, step)
+    if split_k is None:
+        # fill the GPU twice over (2 programs per SM), keeping >= 2 steps per split
+        split_k = 1 if interp else max(1, min(_cdiv(2 * sms, n_tiles * m_tiles), n_steps // 2))
+    vals_per_split = _cdiv(n_steps, max(1, split_k)) * step
+    split_k = _cdiv(n_vals, vals_per_split)
+    dot = _dot_dtype(w_dtype)
+    chunks = bo * nt  # 8-value chunks per step
+    plan = _sp_plans[key] = {
+        "grid": (n_tiles, split_k, m_tiles),
+        "rows": rows,
+        "vals_per_split": vals_per_split,
+        "steps_per_program": _cdiv(vals_per_split, step),
+        "ws_shape": (m_tiles, split_k, bm, n_tiles),
+        "meta": {
+            "BLOCK_M": bm, "BLOCK_O": bo, "NT": nt, "SPLIT_K": split_k, "USE_DOT": use_dot, "DOT_DTYPE": dot,
+            "X_SPLIT": use_dot and x_dtype == torch.float32 and dot != tl.float32,
+            "Z_SPLIT": dot != tl.float32, "EPI_M": max(16, bm),
+            "num_warps": 8 if chunks >= 512 else 4, "num_stages": 1,
+        },
+    }  # fmt: skip
+    return plan
 
 
 def sparse24_small(
@@ -193,11 +261,11 @@ def sparse24_small(
 ) -> torch.Tensor:
     """``(x Sᵀ)`` then ``· blockdiag(a)ᵀ`` if ``a`` is given, ``+ bias``.
 
-    Built for <= 16 tokens; more run as 16-token tiles (for finding where it
+    Built for <= 16 tokens; more run as token tiles (for finding where it
     stops paying; dispatch sends them elsewhere). ``a`` must be fusable
     (block <= 128); ``split_k`` overrides the automatic split of the input
     groups across programs (1 disables it); ``use_dot`` overrides the choice of
-    tensor cores (default: from 9 tokens on, where a 16-row tile is at least half used).
+    tensor cores (default: from ``DOT_MIN_TOKENS`` tokens; 16-bit weights only).
     """
     d_out, half = values.shape
     d_in = 2 * half
@@ -221,35 +289,22 @@ def sparse24_small(
     if m == 0:
         return y if out is not None else y.reshape(*x.shape[:-1], d_out)
 
-    values = values if values.stride(-1) == 1 else values.contiguous()
-    meta = meta if meta.stride(-1) == 1 else meta.contiguous()
-    if use_dot is None:
-        use_dot = m > DOT_MIN_TOKENS - 1
-    cfg = _sparse_config(m, b_out, n_groups, use_dot)
-    if use_dot:
-        cfg["BLOCK_M"] = max(16, cfg["BLOCK_M"])  # tl.dot needs >= 16 rows
-    rows, bg = cfg.pop("rows"), cfg["BLOCK_G"]
-    n_tiles = triton.cdiv(d_out, rows)
-    m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    if split_k is None:
-        # fill the GPU twice over, keeping >= 4 chunks of work per split
-        split_k = (
-            1 if interpreting() else max(1, min(triton.cdiv(2 * _sm_count(x.device), n_tiles), n_groups // (4 * bg)))
-        )
-    groups_per_split = triton.cdiv(triton.cdiv(n_groups, max(1, split_k)), bg) * bg
-    split_k = triton.cdiv(n_groups, groups_per_split)
-    if split_k > 1:
-        ws, cnt = _workspace(x.device, m_tiles, split_k, cfg["BLOCK_M"], d_out, n_tiles)
-    else:
-        ws = cnt = y
-    a_t = a.contiguous() if a is not None else values
-    sparse24_small_kernel[(n_tiles, split_k, m_tiles)](
-        x2, values, meta, a_t, bias if bias is not None else values, y, ws, cnt,
-        m, d_out, n_groups, rows, b_out or 1, groups_per_split,
-        x2.stride(0), x2.stride(1), values.stride(0), meta.stride(0), y.stride(0), y.stride(1),
-        SPLIT_K=split_k, FUSE_A=a is not None, HAS_BIAS=bias is not None,
-        USE_DOT=use_dot, DOT_DTYPE=_dot_dtype(values.dtype),
-        num_warps=8 if cfg["BLOCK_O"] >= 128 else 4, num_stages=3 if not interpreting() else 1, **cfg,
+    # rows contiguous, even row stride (the tensor-core path reads value pairs as 32-bit words)
+    if values.stride(-1) != 1 or values.stride(0) % 2:
+        values = values.contiguous()
+    if meta.stride(-1) != 1:
+        meta = meta.contiguous()
+    plan = _sparse_plan(m, d_out, d_in, b_out, values.dtype, x.dtype, _sm_count(x.device), use_dot, split_k)
+    mt, split, bm, n_tiles = plan["ws_shape"]
+    ws, cnt = _workspace(x.device, mt, split, bm, d_out, n_tiles)
+    a_t = values if a is None else (a if a.is_contiguous() else a.contiguous())
+    pairs = values.view(torch.int32) if plan["meta"]["USE_DOT"] else values
+    _launch(
+        sparse24_small_kernel, plan["grid"],
+        (x2, values, pairs, meta, a_t, bias if bias is not None else values, y, ws, cnt,
+         m, d_out, half, meta.shape[1], plan["rows"], b_out or 1, plan["vals_per_split"],
+         *x2.stride(), values.stride(0), meta.stride(0), *y.stride()),
+        dict(plan["meta"], FUSE_A=a is not None, HAS_BIAS=bias is not None),
     )  # fmt: skip
     return y if out is not None else y.reshape(*x.shape[:-1], d_out)
 

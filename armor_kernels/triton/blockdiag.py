@@ -7,8 +7,11 @@ of ``BLOCK_K``; masks handle ``bs`` that is not a power of two (96, 12, ...).
 
 Two inner products, picked at compile time:
 - ``USE_DOT``: ``tl.dot`` on tensor cores (needs every tile dim >= 16);
-  operands are cast to ``DOT_DTYPE`` (the input dtype on GPU, fp32 under the
+  operands are cast to ``DOT_DTYPE`` (the weights' dtype on GPU, fp32 under the
   interpreter), accumulation is fp32, fp32 operands use ``ieee`` precision.
+  ``X_SPLIT`` (fp32 input, 16-bit weights): ``x`` goes in as its 16-bit high
+  part plus the 16-bit rounding of the remainder, two dots, ~16 bits of mantissa
+  without an fp32 ``ieee`` dot (which spills: 4 KB per thread at 128-wide blocks).
 - otherwise a broadcast multiply + reduce on CUDA cores, for small blocks
   (bs = 4..12) and few tokens where a 16-wide dot would be mostly padding.
 
@@ -35,6 +38,7 @@ def blockdiag_kernel(
     HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    X_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -62,7 +66,11 @@ def blockdiag_kernel(
         # W[blk, n, k] read as a [BLOCK_K, BLOCK_N] tile (W transposed), contiguous along k
         w = tl.load(w_blk + offs_n[None, :] * BS + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         w = w.to(tl.float32)
-        if USE_DOT:
+        if X_SPLIT:
+            x_hi = x.to(DOT_DTYPE)
+            acc = tl.dot(x_hi, w.to(DOT_DTYPE), acc)
+            acc = tl.dot((x - x_hi.to(tl.float32)).to(DOT_DTYPE), w.to(DOT_DTYPE), acc)
+        elif USE_DOT:
             acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision="ieee")
         else:
             acc += tl.sum(x[:, :, None] * w[None, :, :], axis=1)

@@ -1,27 +1,37 @@
 """Few-token 2:4 product ``z = x Sᵀ`` read straight from the packed format, with
-the output wrapper ``A`` and the bias fused into the epilogue.
+the output wrapper ``A`` and the bias applied in the epilogue.
 
-Memory-bound regime (1..16 tokens; more tokens run as a grid of 16-token tiles): the time is the bytes of the compressed core
-(``d_out·d_in/2`` values + ``d_out·d_in/8`` metadata bytes), so the kernel reads
-each value and metadata byte exactly once, keeps no dense copy in memory and
-does the arithmetic in fp32 on CUDA cores (up to 8 tokens) or, from 9 tokens,
-on tensor cores with the register tile in the weights' dtype (``USE_DOT``):
+Memory-bound regime (1..16 tokens; more run as a grid of token tiles): the time is
+the bytes of the compressed core (``d_out·d_in/2`` values + ``d_out·d_in/8``
+metadata bytes), read once, never expanded in memory. Layout of the main loop:
+a ``[BLOCK_O, NT, 8]`` tile of kept values, contiguous per row, so every thread
+owns 8 values (4 groups) of one row: one 16-byte load, plus the 2 metadata bytes
+of those 4 groups (one 16-bit word, nibble of group ``q`` at bit ``4q``). Lanes
+run along the row (8 lanes = 128 contiguous bytes), warps and registers along
+rows. Two inner products, picked at compile time:
 
-1. load a ``[BLOCK_O, BLOCK_G, 2]`` tile of kept values (contiguous per row) and
-   the matching metadata bytes, decode the two column offsets of every group;
-2. place the two values at their offsets inside a ``[BLOCK_O, 4·BLOCK_G]``
-   register tile (zeros elsewhere) and multiply-reduce it against the
-   ``[BLOCK_M, 4·BLOCK_G]`` activation chunk, which every row shares;
-3. epilogue: when a tile spans whole ``A`` blocks (``ROWS_PER_TILE`` a multiple
-   of ``B_OUT``), ``y = z · A_tileᵀ`` is computed in registers, the bias added
-   and ``y`` stored once in the output dtype; otherwise ``z`` is stored.
+- CUDA cores (``USE_DOT=False``, up to 4 tokens per program): ``x`` is loaded
+  densely (the thread's 16 columns) and each kept value picks its column by
+  arithmetic on the index bits, no compares and no zero padding: an isolated
+  bit ``2^k`` times ``0x3F800000 >> k`` is the float 1.0 (or 0.0), so
+  ``x[i0] = x0 + b00·(x1-x0) + b01·(x2-x0)`` (``i0`` is 0, 1 or 2) and
+  ``x[i1] = x1 + b11·((x2-x1) + b10·(x3-x2))`` (``i1`` is 1, 2 or 3): 2 FMAs per
+  value and token, the differences shared by the thread's rows. Products
+  accumulate per thread; one reduction after the loop.
+- tensor cores (``USE_DOT=True``, 16-bit weights, 16-token tiles): each group's
+  value pair is one 32-bit word; the two 32-bit halves of the dense group
+  (columns 0-1 and 2-3) are selected from {pair, low half, high half, shifted,
+  0} by the nibble, and the ``[BLOCK_O, 16·NT]`` tile goes to ``tl.dot``. An fp32
+  ``x`` is split into a 16-bit high part and the 16-bit rounding of the
+  remainder (two dots), so it keeps ~16 bits of mantissa.
 
-Split-K: with few output tiles (``d_out / b_out``, e.g. 32 for 4096 rows with
-b = 128) the GPU would idle, so ``SPLIT_K`` programs share a tile, each over a
-slice of the groups. Each writes its fp32 partial to a workspace, then bumps the
-tile's counter; the last to arrive sums the partials in split order
-(deterministic), resets the counter to 0 for the next call, and runs the
-epilogue. One launch, no separate reduction kernel.
+Epilogue: each program writes its fp32 partial ``[BLOCK_M, BLOCK_O]`` to a
+workspace and bumps the tile's counter; the last of the ``SPLIT_K`` programs
+sums the partials in split order (deterministic), resets the counter to 0, applies
+``A`` restricted to the tile (the tile holds whole ``A`` blocks; ``A`` is loaded
+before the counter so its latency overlaps) on tensor cores in the weights'
+dtype (``z`` split into high and low 16-bit parts: two dots), adds the bias and
+stores ``y`` once. One launch.
 """
 
 import triton
@@ -29,58 +39,47 @@ import triton.language as tl
 
 
 @triton.jit
-def _epilogue(
-    acc,
-    pid_o,
-    lane,
-    rows,
-    row_ok,
-    offs_m,
-    m_ok,
-    a_ptr,
-    bias_ptr,
-    y_ptr,
-    ROWS_PER_TILE,
-    B_OUT,
-    stride_ym,
-    stride_yo,
-    BLOCK_M: tl.constexpr,
-    FUSE_A: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-):
-    out = acc
-    if FUSE_A:
-        # A restricted to this tile: entry (i, j) is A[blk, i % b, j % b] when
-        # rows i and j are in the same block, else 0. The tile starts on a block edge.
-        blk = lane // B_OUT
-        first_blk = pid_o * (ROWS_PER_TILE // B_OUT)
-        r = lane % B_OUT
-        a_off = (first_blk + blk).to(tl.int64)[:, None] * B_OUT * B_OUT + r[:, None] * B_OUT + r[None, :]
-        a_ok = (blk[:, None] == blk[None, :]) & row_ok[:, None] & row_ok[None, :]
-        a_tile = tl.load(a_ptr + a_off, mask=a_ok, other=0.0).to(tl.float32)
-        if BLOCK_M >= 16:
-            # fp32 FMA dot (ieee): no cross-thread reductions, A_tile staged once in shared memory
-            out = tl.dot(acc, tl.trans(a_tile), input_precision="ieee")
-        else:
-            # tl.dot needs 16 rows; per token y_m = A_tile · z_m (<= 8 iterations, unrolled)
-            out = tl.zeros_like(acc)
-            local_m = tl.arange(0, BLOCK_M)
-            for m in tl.static_range(BLOCK_M):
-                sel = local_m[:, None] == m
-                z_m = tl.sum(tl.where(sel, acc, 0.0), axis=0)
-                y_m = tl.sum(a_tile * z_m[None, :], axis=1)
-                out += tl.where(sel, y_m[None, :], 0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        out += bias[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + rows[None, :] * stride_yo
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & row_ok[None, :])
+def _bit_as_float(word, bit):
+    # word & 2^k is 0 or 2^k; times 0x3F800000 >> k it is the bit pattern of 0.0 or 1.0 (k <= 15)
+    return ((word & bit) * (0x3F800000 // bit)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _token_fma(acc, x_row, xcols, x_ok, v0, v1, f00, f01, f10, f11, NT: tl.constexpr):
+    """acc += v0·x[4g+i0] + v1·x[4g+i1] for one token; x_row points at the token's row."""
+    xv = tl.load(x_row + xcols, mask=x_ok, other=0.0).to(tl.float32)  # [NT, 16]
+    xa, xb = tl.split(tl.reshape(xv, (NT, 4, 2, 2)))
+    x0, x2 = tl.split(xa)
+    x1, x3 = tl.split(xb)
+    s0 = x0[None] + f00 * (x1 - x0)[None] + f01 * (x2 - x0)[None]
+    s1 = x1[None] + f11 * ((x2 - x1)[None] + f10 * (x3 - x2)[None])
+    acc += v0 * s0
+    acc += v1 * s1
+    return acc
+
+
+@triton.jit
+def _store_partial(ws_tok, rows, row_ok, acc):
+    z = tl.sum(tl.sum(acc, axis=2), axis=1)
+    tl.store(ws_tok + rows, z, mask=row_ok)
+
+
+@triton.jit
+def _split_dot(z, b, acc, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr):
+    """acc + z @ b in DOT_DTYPE; with SPLIT, z (fp32) is fed as high + low 16-bit parts."""
+    hi = z.to(DOT_DTYPE)
+    acc = tl.dot(hi, b, acc, input_precision="ieee")
+    if SPLIT:
+        lo = (z - hi.to(tl.float32)).to(DOT_DTYPE)
+        acc = tl.dot(lo, b, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
 def sparse24_small_kernel(
     x_ptr,
     vals_ptr,
+    pairs_ptr,
     meta_ptr,
     a_ptr,
     bias_ptr,
@@ -89,10 +88,11 @@ def sparse24_small_kernel(
     cnt_ptr,
     M,
     D_OUT,
-    N_GROUPS,
+    N_VALS,
+    N_META,
     ROWS_PER_TILE,
     B_OUT,
-    GROUPS_PER_SPLIT,
+    VALS_PER_SPLIT,
     stride_xm,
     stride_xk,
     stride_vo,
@@ -101,12 +101,15 @@ def sparse24_small_kernel(
     stride_yo,
     BLOCK_M: tl.constexpr,
     BLOCK_O: tl.constexpr,
-    BLOCK_G: tl.constexpr,
+    NT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     FUSE_A: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     USE_DOT: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    X_SPLIT: tl.constexpr,
+    Z_SPLIT: tl.constexpr,
+    EPI_M: tl.constexpr,
 ):
     pid_o = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -115,102 +118,133 @@ def sparse24_small_kernel(
     lane = tl.arange(0, BLOCK_O)
     rows = pid_o * ROWS_PER_TILE + lane
     row_ok = (lane < ROWS_PER_TILE) & (rows < D_OUT)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < M
-    gg = tl.arange(0, BLOCK_G)
-    pair = tl.arange(0, 2)
-    quad = tl.arange(0, 4)
+    m0 = pid_m * BLOCK_M
+    t = tl.arange(0, NT)
+    q = tl.arange(0, 4)
+    b2 = tl.arange(0, 2)
+    c16 = tl.arange(0, 16)
 
-    g_lo = pid_k * GROUPS_PER_SPLIT
-    g_hi = tl.minimum(g_lo + GROUPS_PER_SPLIT, N_GROUPS)
-    v_rows = vals_ptr + rows.to(tl.int64)[:, None, None] * stride_vo
-    m_rows = meta_ptr + rows.to(tl.int64)[:, None] * stride_mo
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    v_lo = pid_k * VALS_PER_SPLIT
+    v_hi = tl.minimum(v_lo + VALS_PER_SPLIT, N_VALS)
+    m_rows = meta_ptr + rows.to(tl.int64)[:, None, None] * stride_mo
+    rok3 = row_ok[:, None, None]
+    # bits of the index pair of group q in the thread's 16-bit metadata word
+    sh = 4 * q
+    bit00 = (1 << sh)[None, None, :]
+    bit01 = (2 << sh)[None, None, :]
+    bit10 = (4 << sh)[None, None, :]
+    bit11 = (8 << sh)[None, None, :]
 
-    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-    for g0 in range(g_lo, g_hi, BLOCK_G):
-        g = g0 + gg
-        g_ok = g < g_hi
-        # the 2 kept values of each group: contiguous along the row
-        v = tl.load(
-            v_rows + (2 * g)[None, :, None] + pair[None, None, :],
-            mask=row_ok[:, None, None] & g_ok[None, :, None],
-            other=0.0,
-        ).to(tl.float32)
-        v0, v1 = tl.split(v)
-        # nibble of group g: low half of byte g // 2 for even g, high half for odd g
-        byte = tl.load(m_rows + (g // 2)[None, :], mask=row_ok[:, None] & g_ok[None, :], other=0).to(tl.int32)
-        nib = (byte >> ((g % 2) * 4)[None, :]) & 15
-        i0 = nib & 3
-        i1 = nib >> 2
-        # the group's 4 columns in registers: v0 at offset i0, v1 at i1, zeros elsewhere
-        w = tl.where(i0[:, :, None] == quad[None, None, :], v0[:, :, None], 0.0)
-        w += tl.where(i1[:, :, None] == quad[None, None, :], v1[:, :, None], 0.0)
-        w = tl.reshape(w, (BLOCK_O, 4 * BLOCK_G))
-        # activations of the chunk's 4·BLOCK_G columns, shared by every row of the tile
-        cols = tl.reshape(4 * g[:, None] + quad[None, :], (4 * BLOCK_G,))
-        c_ok = tl.reshape(g_ok[:, None] & (quad[None, :] < 4), (4 * BLOCK_G,))
-        x = tl.load(x_rows + cols[None, :] * stride_xk, mask=m_ok[:, None] & c_ok[None, :], other=0.0)
-        x = x.to(tl.float32)
-        if USE_DOT:
-            # 9..16 tokens: the expanded tile goes through the tensor cores (2x the
-            # useful FLOPs, but CUDA cores would be the bottleneck at 16 tokens)
-            acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w).to(DOT_DTYPE), acc, input_precision="ieee")
-        else:
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-
-    if SPLIT_K == 1:
-        _epilogue(
-            acc,
-            pid_o,
-            lane,
-            rows,
-            row_ok,
-            offs_m,
-            m_ok,
-            a_ptr,
-            bias_ptr,
-            y_ptr,
-            ROWS_PER_TILE,
-            B_OUT,
-            stride_ym,
-            stride_yo,
-            BLOCK_M,
-            FUSE_A,
-            HAS_BIAS,
-        )
+    ws_base = ws_ptr + (pid_m * SPLIT_K + pid_k).to(tl.int64) * BLOCK_M * D_OUT
+    if USE_DOT:
+        # ---- tensor cores: dense 16-bit tile from 32-bit value pairs
+        # pairs_ptr: the same values viewed as int32, one word per group
+        p_rows = pairs_ptr + rows.to(tl.int64)[:, None, None] * (stride_vo // 2)
+        kk = tl.arange(0, NT * 16)
+        mm = tl.arange(0, BLOCK_M)
+        x_tok = x_ptr + (m0 + mm).to(tl.int64)[None, :] * stride_xm
+        x_tok_ok = (m0 + mm < M)[None, :]
+        acc = tl.zeros((BLOCK_O, BLOCK_M), dtype=tl.float32)
+        for k0 in range(v_lo, v_hi, NT * 8):
+            g = k0 // 2 + t[:, None] * 4 + q[None, :]  # group index [NT, 4]
+            pr = tl.load(p_rows + g[None, :, :], mask=rok3 & (g < v_hi // 2)[None, :, :], other=0)
+            mbyte = k0 // 4 + 2 * t[:, None] + b2[None, :]  # [NT, 2]
+            mb = tl.load(m_rows + mbyte[None, :, :], mask=rok3 & (mbyte < N_META)[None, :, :], other=0)
+            word = tl.sum(mb.to(tl.int32) << (8 * b2)[None, None, :], axis=2)[:, :, None]
+            nib = (word >> sh[None, None, :]) & 15
+            i0 = nib & 3
+            i1 = nib >> 2
+            # columns 0-1 and 2-3 of the group as 32-bit pairs of 16-bit weights
+            lo = tl.where(i0 == 0, tl.where(i1 == 1, pr, pr & 0xFFFF), tl.where(i0 == 1, pr << 16, 0))
+            hi = tl.where(i1 == 3, tl.where(i0 == 2, pr, pr & -65536), tl.where(i1 == 2, (pr >> 16) & 0xFFFF, 0))
+            w = tl.join(tl.join(lo.to(tl.int16), hi.to(tl.int16)), tl.join((lo >> 16).to(tl.int16), (hi >> 16).to(tl.int16)))
+            w = tl.reshape(w, (BLOCK_O, NT * 16)).to(vals_ptr.dtype.element_ty, bitcast=True).to(DOT_DTYPE)
+            cols = 2 * k0 + kk
+            xt = tl.load(x_tok + cols[:, None] * stride_xk, mask=x_tok_ok & (cols < 2 * v_hi)[:, None], other=0.0)
+            if X_SPLIT:
+                xt = xt.to(tl.float32)
+                x_hi = xt.to(DOT_DTYPE)
+                acc = tl.dot(w, x_hi, acc)
+                acc = tl.dot(w, (xt - x_hi.to(tl.float32)).to(DOT_DTYPE), acc)
+            else:
+                acc = tl.dot(w, xt.to(DOT_DTYPE), acc, input_precision="ieee")
+        tl.store(ws_base + mm[None, :] * D_OUT + rows[:, None], acc, mask=row_ok[:, None])
     else:
-        # workspace [m_tiles, SPLIT_K, BLOCK_M, D_OUT] fp32, counters [m_tiles, n_tiles] int32 (0 between calls)
-        local_m = tl.arange(0, BLOCK_M)
-        ws_tile = ws_ptr + pid_m * SPLIT_K * BLOCK_M * D_OUT + local_m[:, None] * D_OUT + rows[None, :]
-        ws_ok = row_ok[None, :] & (local_m[:, None] < BLOCK_M)
-        tl.store(ws_tile + pid_k * BLOCK_M * D_OUT, acc, mask=ws_ok)
-        # every thread's partial is written before the counter moves (bar.sync + release)
-        tl.debug_barrier()
-        counter = cnt_ptr + pid_m * tl.num_programs(0) + pid_o
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float32)
-            for s in range(SPLIT_K):
-                # .cg: read the partials from L2, where the other programs' stores landed
-                total += tl.load(ws_tile + s * BLOCK_M * D_OUT, mask=ws_ok, other=0.0, cache_modifier=".cg")
+        # ---- CUDA cores: per-value column selection by arithmetic, up to 4 tokens
+        v_rows = vals_ptr + rows.to(tl.int64)[:, None, None] * stride_vo
+        e8 = tl.arange(0, 8)
+        xk = (t[:, None] * 16 + c16[None, :]) * stride_xk  # [NT, 16] column offsets inside a chunk
+        x0_row = x_ptr + m0.to(tl.int64) * stride_xm
+        acc0 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
+        for k0 in range(v_lo, v_hi, NT * 8):
+            voff = k0 + t[:, None] * 8 + e8[None, :]  # [NT, 8]
+            v = tl.load(v_rows + voff[None, :, :], mask=rok3 & (voff < v_hi)[None, :, :], other=0.0)
+            v0, v1 = tl.split(tl.reshape(v.to(tl.float32), (BLOCK_O, NT, 4, 2)))
+            # bytes past the split's end are harmless (their values load as 0); only the row end is masked
+            mbyte = k0 // 4 + 2 * t[:, None] + b2[None, :]  # [NT, 2]
+            mb = tl.load(m_rows + mbyte[None, :, :], mask=rok3 & (mbyte < N_META)[None, :, :], other=0)
+            word = tl.sum(mb.to(tl.int32) << (8 * b2)[None, None, :], axis=2)[:, :, None]
+            f00 = _bit_as_float(word, bit00)
+            f01 = _bit_as_float(word, bit01)
+            f10 = _bit_as_float(word, bit10)
+            f11 = _bit_as_float(word, bit11)
+            xcols = 2 * k0 * stride_xk + xk
+            x_ok = (2 * k0 + t[:, None] * 16 + c16[None, :]) < 2 * v_hi
+            tz = m0 + 0 * t[:, None]  # token index as a tensor (a scalar compare is not a mask)
+            acc0 = _token_fma(acc0, x0_row, xcols, x_ok & (tz < M), v0, v1, f00, f01, f10, f11, NT)
+            if BLOCK_M > 1:
+                acc1 = _token_fma(acc1, x0_row + stride_xm, xcols, x_ok & (tz + 1 < M), v0, v1, f00, f01, f10, f11, NT)
+            if BLOCK_M > 2:
+                acc2 = _token_fma(
+                    acc2, x0_row + 2 * stride_xm, xcols, x_ok & (tz + 2 < M), v0, v1, f00, f01, f10, f11, NT
+                )
+                acc3 = _token_fma(
+                    acc3, x0_row + 3 * stride_xm, xcols, x_ok & (tz + 3 < M), v0, v1, f00, f01, f10, f11, NT
+                )
+        _store_partial(ws_base, rows, row_ok, acc0)
+        if BLOCK_M > 1:
+            _store_partial(ws_base + D_OUT, rows, row_ok, acc1)
+        if BLOCK_M > 2:
+            _store_partial(ws_base + 2 * D_OUT, rows, row_ok, acc2)
+            _store_partial(ws_base + 3 * D_OUT, rows, row_ok, acc3)
+
+    # ---- A tile (epilogue operand): loaded after the loop (not live in it) and before the counter, so its
+    # latency overlaps the partial's store and the atomic
+    if FUSE_A:
+        # at[j, i] = A[blk, i % b, j % b] when rows i and j are in the same block, else 0
+        blk = lane // B_OUT
+        r = lane % B_OUT
+        first_blk = pid_o * (ROWS_PER_TILE // B_OUT)
+        a_off = (first_blk + blk).to(tl.int64)[None, :] * B_OUT * B_OUT + r[None, :] * B_OUT + r[:, None]
+        a_ok = (blk[:, None] == blk[None, :]) & row_ok[:, None] & row_ok[None, :]
+        at = tl.load(a_ptr + a_off, mask=a_ok, other=0.0)
+
+    # ---- split-K reduction and epilogue, by the last program of the tile
+    # every thread's partial is written before the counter moves (bar.sync + release)
+    tl.debug_barrier()
+    last = True
+    counter = cnt_ptr + pid_m * tl.num_programs(0) + pid_o
+    if SPLIT_K > 1:
+        last = tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1
+    if last:
+        # workspace [m_tiles, SPLIT_K, BLOCK_M, D_OUT] fp32; EPI_M = max(16, BLOCK_M) token rows (tl.dot)
+        em = tl.arange(0, EPI_M)
+        ws_tile = ws_ptr + pid_m.to(tl.int64) * SPLIT_K * BLOCK_M * D_OUT + em[:, None] * D_OUT + rows[None, :]
+        ws_ok = (em[:, None] < BLOCK_M) & row_ok[None, :]
+        total = tl.zeros((EPI_M, BLOCK_O), dtype=tl.float32)
+        for s in range(SPLIT_K):
+            # .cg: read the partials from L2, where the other programs' stores landed
+            total += tl.load(ws_tile + s * BLOCK_M * D_OUT, mask=ws_ok, other=0.0, cache_modifier=".cg")
+        if SPLIT_K > 1:
             tl.atomic_xchg(counter, 0)
-            _epilogue(
-                total,
-                pid_o,
-                lane,
-                rows,
-                row_ok,
-                offs_m,
-                m_ok,
-                a_ptr,
-                bias_ptr,
-                y_ptr,
-                ROWS_PER_TILE,
-                B_OUT,
-                stride_ym,
-                stride_yo,
-                BLOCK_M,
-                FUSE_A,
-                HAS_BIAS,
-            )
+        out = total
+        if FUSE_A:
+            out = _split_dot(total, at.to(DOT_DTYPE), tl.zeros_like(total), DOT_DTYPE, Z_SPLIT)
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        offs_m = m0 + em
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + rows[None, :] * stride_yo
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=(em[:, None] < BLOCK_M) & (offs_m < M)[:, None] & row_ok[None, :])

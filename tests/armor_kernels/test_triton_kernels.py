@@ -161,16 +161,59 @@ def test_sparse24_dtypes_and_token_counts(dtype, tokens):
     assert_matches(got, exact, sparse_same_dtype(x, w, None, w.bias), dtype, f"{dtype} tokens={tokens}")
 
 
-@pytest.mark.parametrize("tokens,use_dot", [(1, True), (5, True), (16, False)])
-def test_sparse24_both_inner_products(tokens, use_dot):
-    # CUDA-core and tensor-core main loops, each outside its default token range
-    w = rand_weights(64, 48, 32, 4)
-    x = torch.randn(tokens, 48, device=DEVICE)
-    got = tb.sparse24_small(x, w.values, w.meta, a=w.a, bias=w.bias, use_dot=use_dot)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("tokens,use_dot", [(1, True), (5, True), (16, False), (3, False), (17, True)])
+def test_sparse24_both_inner_products(tokens, use_dot, dtype):
+    # CUDA-core and tensor-core main loops, each also outside its default token range
+    w = rand_weights(64, 48, 32, 4, dtype=dtype)
+    x = torch.randn(tokens, 48, device=DEVICE).to(dtype)
+    got, big = poisoned_view(tokens, 64, dtype)
+    tb.sparse24_small(x, w.values, w.meta, a=w.a, bias=w.bias, out=got, use_dot=use_dot, split_k=2)
+    assert_margins_untouched(big, tokens, 64)
     exact = reference.blockdiag_matmul(
         reference.sparse24_matmul(x.double(), w.values.double(), w.meta), w.a.double(), w.bias.double()
     )
-    assert_matches(got, exact, sparse_same_dtype(x, w, w.a, w.bias), torch.float32, f"use_dot={use_dot}")
+    assert_matches(got, exact, sparse_same_dtype(x, w, w.a, w.bias), dtype, f"use_dot={use_dot}")
+
+
+@pytest.mark.parametrize("use_dot", [False, True])
+@pytest.mark.parametrize("b_out", valid_block_sizes(48))
+def test_sparse24_16bit_every_output_block_odd_groups(b_out, use_dot):
+    # bf16 weights, fp32 input (the decode layer's h): d_in = 36 is 9 groups (odd: a padding nibble),
+    # and 36 is not a multiple of a 64-value step (masked tail); tokens 1, 3, 17 in turn
+    w = rand_weights(48, 36, b_out, 4, dtype=torch.bfloat16, bias=b_out % 2 == 0)
+    tokens = (1, 3, 17)[valid_block_sizes(48).index(b_out) % 3]
+    x = torch.randn(tokens, 36, device=DEVICE)
+    got, big = poisoned_view(tokens, 48, torch.bfloat16)
+    tb.sparse24_small(x, w.values, w.meta, a=w.a, bias=w.bias, out=got, use_dot=use_dot, split_k=3 if b_out % 3 else 1)
+    assert_margins_untouched(big, tokens, 48)
+    bias64 = None if w.bias is None else w.bias.double()
+    exact = reference.blockdiag_matmul(
+        reference.sparse24_matmul(x.double(), w.values.double(), w.meta), w.a.double(), bias64
+    )
+    same = sparse_same_dtype(x.to(torch.bfloat16), w, w.a, w.bias)
+    assert_matches(got, exact, same, torch.bfloat16, f"b_out={b_out} use_dot={use_dot} tokens={tokens}")
+
+
+def test_sparse24_plan_is_cached_and_uses_no_triton_helpers(monkeypatch):
+    # the hot path: a repeated shape computes no tile sizes or grids and calls no triton.cdiv
+    w = rand_weights(32, 48, 16, 4)
+    x = torch.randn(2, 48, device=DEVICE)
+    tb.decode_layer(x, w.a, w.values, w.meta, w.b)
+    tb.sparse24_small(x, w.values, w.meta, a=w.a)
+    plans = (len(tb._sp_plans), len(tb._bd_plans))
+
+    def no_cdiv(*a):
+        raise AssertionError("triton.cdiv on the hot path")
+
+    monkeypatch.setattr(tb.triton, "cdiv", no_cdiv)
+    calls = []
+    monkeypatch.setattr(tb, "_launch", lambda *a: calls.append(a))
+    tb.decode_layer(x, w.a, w.values, w.meta, w.b)
+    tb.sparse24_small(x, w.values, w.meta, a=w.a)
+    assert (len(tb._sp_plans), len(tb._bd_plans)) == plans, "a repeated shape planned again"
+    assert [c[0].fn.__name__ for c in calls] == ["blockdiag_kernel", "sparse24_small_kernel", "sparse24_small_kernel"]
+    assert calls[2][1] == tb._sparse_plan(2, 32, 48, 16, w.values.dtype, x.dtype, tb._sm_count(x.device))["grid"]
 
 
 def test_sparse24_poisoned_guarded_noncontiguous_and_repeatable():
