@@ -152,6 +152,11 @@ def test_bad_models_and_devices_are_one_line(tmp_path, solver_model_dir, solver_
         assert "--device cuda:1" in _err_line(capsys, command)
 
 
+def test_env_with_an_unusable_device_is_one_line(capsys):
+    assert cli.main(["env", "--device", "cuda"]) == 2
+    assert "--device cuda:" in _err_line(capsys, "env")
+
+
 def test_debug_shows_the_traceback(tmp_path, solver_text_file):
     with pytest.raises(ValueError, match="not valid JSON"):
         bad = tmp_path / "bad"
