@@ -1,10 +1,17 @@
-"""The ``armor`` command. Subcommands live in ``armor_runtime.commands.<name>`` and load lazily."""
+"""The ``armor`` command. Subcommands live in ``armor_runtime.commands.<name>`` and load lazily.
+
+Every failure a subcommand raises becomes one ``armor <cmd>: error: ...`` line on stderr and exit code 2
+(1 for an error of an unexpected kind, which the line names); ``--debug`` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+
+# the failures users cause (bad paths, files, options, devices, full or read-only disks): exit code 2
+EXPECTED = (OSError, ValueError, RuntimeError, ImportError, MemoryError)
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -23,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module)
+        if name != "bench":  # bench passes everything after its name to the benchmark script
+            p.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
         try:
             importlib.import_module(module).add_arguments(p)
         except ModuleNotFoundError as e:
@@ -30,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             p.set_defaults(_missing=f"armor {name} is not available in this installation ({module} missing)")
     return parser
+
+
+def error_line(command: str, e: BaseException) -> str:
+    """One line: ``armor <cmd>: error: <message>`` (multi-line messages are joined)."""
+    message = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, EXPECTED):
+        message = f"{type(e).__name__}: {message} (unexpected; rerun with --debug for the traceback)"
+    return f"armor {command}: error: {message}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +58,20 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.unknown = unknown
     if getattr(args, "_missing", None):
-        print(args._missing, file=sys.stderr)
+        print(f"armor {args.command}: error: {args._missing}", file=sys.stderr)
         return 2
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KeyboardInterrupt:
+        if getattr(args, "debug", False):
+            raise
+        print(f"\narmor {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if getattr(args, "debug", False):
+            raise
+        print(error_line(args.command, e), file=sys.stderr)
+        return 2 if isinstance(e, EXPECTED) else 1
 
 
 if __name__ == "__main__":

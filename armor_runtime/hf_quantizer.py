@@ -9,10 +9,15 @@ Loading an ARMOR checkpoint:
    clears the ``transformers_weights`` guard that ``checkpoint.save_pretrained``
    writes into config.json (a deliberately unloadable name, so a transformers
    without this quantizer refuses the checkpoint instead of loading garbage);
-2. ``_process_model_before_weight_loading`` checks format_version, reads every
-   shard's header (a truncated shard fails here, naming the file), checks that
-   each target layer's tensors are present with the right shapes, and swaps the
-   target ``nn.Linear`` modules (still on the meta device) for ``ArmorLinear``;
+2. ``_process_model_before_weight_loading`` checks the quantization_config
+   (``checkpoint.check_quantization_config``: every key present and known,
+   format_version, targets, ignore, block_size), reads every shard's header (a
+   truncated shard fails here, naming the file), swaps the target
+   ``nn.Linear`` modules (still on the meta device) for ``ArmorLinear`` in the
+   loading dtype, and checks that the shards and the model agree exactly: each
+   ARMOR layer's tensors present with the right shapes, every layer the config
+   names present, every tensor of the shards consumed, no tensor of the model
+   missing (tied weights aside);
 3. transformers copies the tensors into the ArmorLinear buffers (no dense weight
    is ever built);
 4. ``_process_model_after_weight_loading`` validates every layer (2:4 metadata,
@@ -22,7 +27,9 @@ Loading an ARMOR checkpoint:
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
 
 import torch
 from torch import nn
@@ -30,9 +37,9 @@ from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from armor_kernels import FORMAT_VERSION, ArmorFormatError
+from armor_kernels import ArmorFormatError
 
-from .checkpoint import UNLOADABLE_GUARD
+from .checkpoint import UNLOADABLE_GUARD, QuantizationConfigError, check_quantization_config
 from .linear import ArmorLinear
 from .targets import is_target
 
@@ -48,36 +55,41 @@ class ArmorConfig(QuantizationConfigMixin):
 
     def __init__(
         self,
-        format_version: int = FORMAT_VERSION,
+        format_version: int | None = None,
         block_size: dict | list | int | None = None,
-        sparsity_structure: str = "2:4",
-        targets: list[str] | tuple[str, ...] = (),
-        ignore: list[str] | tuple[str, ...] = (),
+        sparsity_structure: str | None = None,
+        targets: list[str] | tuple[str, ...] | None = None,
+        ignore: list[str] | tuple[str, ...] | None = None,
         solver: dict | None = None,
         **extra,
     ):
+        # exactly what config.json holds, checked (naming the file) when a model is loaded
+        given = {"format_version": format_version, "block_size": block_size, "sparsity_structure": sparsity_structure,
+                 "targets": targets, "ignore": ignore, "solver": solver}
+        self._given = {"quant_method": extra.pop("quant_method", QUANT_METHOD),
+                       **{k: v for k, v in given.items() if v is not None}, **extra}
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.block_size = block_size
         self.sparsity_structure = sparsity_structure
-        self.targets = list(targets)
-        self.ignore = list(ignore)
+        self.targets = list(targets or ())
+        self.ignore = list(ignore or ())
         self.solver = dict(solver or {})
-        extra.pop("quant_method", None)
-        for key, value in extra.items():  # keys written by newer versions are kept, not dropped
+        for key, value in extra.items():  # kept so that the check can name them
             setattr(self, key, value)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in super().to_dict().items() if not k.startswith("_")}
+
+    def check_config(self, where: str = "config.json") -> dict:
+        """``checkpoint.check_quantization_config`` of what config.json held -> the parsed block sizes."""
+        return check_quantization_config(dict(self._given), where)
 
     def layer_block_size(self, name: str) -> tuple[int | None, int | None]:
         """(block_out, block_in) for layer ``name``; None where the layer's default choice applies."""
-        bs = self.block_size
-        if isinstance(bs, dict):
-            per_layer = (bs.get("layers") or {}).get(name)
-            bs = per_layer if per_layer is not None else bs.get("default")
-        if bs is None:
-            return None, None
-        if isinstance(bs, int):
-            return bs, bs
-        return int(bs[0]), int(bs[1])
+        sizes = check_quantization_config(dict(self._given))
+        bs = sizes["layers"].get(name, sizes["default"])
+        return (None, None) if bs is None else bs
 
 
 class ArmorHfQuantizer(HfQuantizer):
@@ -103,33 +115,34 @@ class ArmorHfQuantizer(HfQuantizer):
         qc = self.quantization_config
         files = list(checkpoint_files or [])
         where = os.path.join(os.path.dirname(files[0]), "config.json") if files else "config.json"
-        if qc.format_version != FORMAT_VERSION:
-            raise ArmorCheckpointError(
-                f"{where}: quantization_config.format_version = {qc.format_version!r} is not supported "
-                f"(this armor_runtime reads format_version {FORMAT_VERSION}); upgrade armor-sparse or re-export"
-            )
-        if qc.sparsity_structure != "2:4":
-            raise ArmorCheckpointError(
-                f"{where}: quantization_config.sparsity_structure = {qc.sparsity_structure!r}; only '2:4' is supported"
-            )
+        try:
+            sizes = qc.check_config(where)
+        except QuantizationConfigError as e:
+            raise ArmorCheckpointError(str(e)) from None
         headers = _read_headers(files)
         self.key_files = {key: path for key, (path, _, _) in headers.items()}
         dtype = dtype or torch.get_default_dtype()
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, nn.Linear) or not is_target(name, qc.targets, qc.ignore):
+        linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        swapped = []
+        for name, module in linears.items():
+            if not is_target(name, qc.targets, qc.ignore):
                 continue
-            block_out, block_in = qc.layer_block_size(name)
+            block_out, block_in = sizes["layers"].get(name, sizes["default"] or (None, None))
             try:
                 layer = ArmorLinear(
                     module.in_features, module.out_features, bias=module.bias is not None,
                     block_out=block_out, block_in=block_in, dtype=dtype, device="meta",
                 )
             except ArmorFormatError as e:
-                raise ArmorCheckpointError(f"{where}: block_size of layer {name}: {e}") from None
+                raise ArmorCheckpointError(f"{where}: quantization_config.block_size of layer {name}: {e}") from None
             if files:  # transformers < 5 does not pass the files: the post-load checks still run
                 _check_layer_tensors(name, layer, headers, files)
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
+            swapped.append(name)
+        _check_config_names(qc, sizes, linears, swapped, where)
+        if files:
+            _check_consumed(model, headers, files)
         return model
 
     # ---- after weights: validate, build kernel layouts ------------------------
@@ -221,6 +234,59 @@ def _check_layer_tensors(name: str, layer: ArmorLinear, headers: dict, files: li
         raise ArmorCheckpointError(
             f"{path}: tensor {name}.weight is a dense weight of an ARMOR target layer; the checkpoint mixes formats"
         )
+
+
+def _check_config_names(qc, sizes: dict, linears: dict, swapped: list[str], where: str) -> None:
+    """Every name the quantization_config gives must name something of the model."""
+    key = f"{where}: quantization_config"
+    if not swapped:
+        raise ArmorCheckpointError(
+            f"{key}.targets = {qc.targets} (ignore {qc.ignore}) selects no linear layer of the model; "
+            f"its linears are {', '.join(list(linears)[:6])}{' ...' if len(linears) > 6 else ''}")
+    for target in qc.targets:
+        if not any(is_target(name, [target]) for name in linears):
+            raise ArmorCheckpointError(f"{key}.targets names {target!r}, which matches no linear layer of the model")
+    for pattern in qc.ignore:
+        if not any(name == pattern or fnmatch.fnmatch(name, pattern) for name in linears):
+            raise ArmorCheckpointError(f"{key}.ignore names {pattern!r}, which matches no linear layer of the model")
+    for name in sizes["layers"]:
+        if name not in swapped:
+            raise ArmorCheckpointError(
+                f"{key}.block_size.layers names {name!r}, which is not an ARMOR layer of the model "
+                "(not a linear, or left dense by targets/ignore)")
+
+
+def _tied_keys(model) -> set[str]:
+    tied = getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or ()
+    return set(tied)
+
+
+def _patterns(model, attr: str) -> list[re.Pattern]:
+    return [re.compile(p) for p in (getattr(model, attr, None) or ())]
+
+
+def _check_consumed(model, headers: dict, files: list[str]) -> None:
+    """The shards hold exactly the model's tensors: none left over, none missing (tied weights aside)."""
+    expected = set(model.state_dict().keys())
+    ignore_unexpected = _patterns(model, "_keys_to_ignore_on_load_unexpected")
+    for key in sorted(set(headers) - expected):
+        if any(p.search(key) for p in ignore_unexpected):
+            continue
+        module = key.rsplit(".", 1)[0]
+        hint = (
+            f"; {module} is not an ARMOR layer here: quantization_config.targets/ignore leave it dense"
+            if key.rsplit(".", 1)[-1] in ("a", "values", "meta", "b") else
+            "; the checkpoint is not of this model, or quantization_config.targets/ignore do not match the shards"
+        )
+        raise ArmorCheckpointError(f"{headers[key][0]}: tensor {key} is not used by the model{hint}")
+    ignore_missing = _patterns(model, "_keys_to_ignore_on_load_missing")
+    tied = _tied_keys(model)
+    for key in sorted(expected - set(headers) - tied):
+        if any(p.search(key) for p in ignore_missing):
+            continue
+        raise ArmorCheckpointError(
+            f"{_expected_file(key, files)}: tensor {key} of the model is missing from the checkpoint "
+            "(it would be randomly initialized)")
 
 
 def register() -> None:

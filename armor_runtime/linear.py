@@ -5,6 +5,16 @@ Buffers (the checkpoint names): ``a`` ``[d_out/b_out, b_out, b_out]``, ``values`
 ``[d_in/b_in, b_in, b_in]`` and ``bias`` ``[d_out]`` (or None). There is never a
 dense weight: ``forward`` calls ``armor_kernels.armor_linear`` and the dispatcher
 picks the backend (the pure-torch reference on CPU).
+
+Dtypes. The input must be floating point (float32, float16, bfloat16 or float64);
+integer, bool and complex inputs raise a ``TypeError``, as ``nn.Linear`` refuses
+them. The output has the input's dtype. Unlike ``nn.Linear``, the input and the
+layer may differ in dtype: the reference path computes in float32 (float64 for a
+float64 input) from the stored values and rounds once at the end, so a bf16 layer
+fed fp32 inputs gives fp32 outputs of the bf16 weights, and an fp32 layer fed
+bf16 inputs gives bf16 outputs. The fast GPU backends need one 16-bit dtype for
+input and layer; for any other pair the dispatcher passes them over (``armor
+env``, ``print(layer)`` show the choice).
 """
 
 from __future__ import annotations
@@ -126,6 +136,11 @@ class ArmorLinear(nn.Module):
 
     # ---- compute ------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # a static dtype check: no graph break, no host sync
+            raise TypeError(
+                f"ArmorLinear({self.in_features} -> {self.out_features}): input dtype {x.dtype} is not floating "
+                "point; like nn.Linear it takes float32, float16, bfloat16 or float64 inputs"
+            )
         return armor_kernels.armor_linear(x, self.a, self.values, self.meta, self.b, self.bias)
 
     def to_dense(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -6,10 +6,11 @@ Resident bytes per pruned layer ``d_out x d_in`` in a 2-byte dtype:
 - plain 2:4: kept values ``2·d_out·d_in/2`` + 4-bit metadata ``d_out·d_in/8`` = exactly 9/16 of dense;
 - ARMOR: the same core + the wrappers ``2·(b_out·d_out + b_in·d_in)`` (+ the bias, as in dense).
 
-``python -m armor_runtime.sizes`` loads SmolLM2-135M (the embedded GGUF), packs
-every target layer with NoWag-P-like top-2 masks and identity wrappers (sizes do
-not depend on the values), saves dense and ARMOR checkpoints under ``--out`` and
-prints the table with measured file sizes.
+``python -m armor_runtime.sizes`` writes SmolLM2-135M (the embedded GGUF) as a plain
+bfloat16 Hugging Face folder (the source), prunes it with ``armor prune`` at the CLI's
+defaults (a small calibration: sizes do not depend on it) for each ``--methods`` entry,
+and prints the bytes on disk of every checkpoint next to the source's, with the bytes
+each ARMOR checkpoint's block sizes imply (``checkpoint_bytes``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,62 @@ def folder_bytes(path) -> dict[str, int]:
         "safetensors": sum(p.stat().st_size for p in files if p.suffix == ".safetensors"),
         "all_files": sum(p.stat().st_size for p in files),
     }
+
+
+def weight_bytes(path) -> int:
+    """Bytes of a model's weights on disk: a file's size (.gguf), or a folder's *.safetensors (else *.bin) files."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    for pattern in ("*.safetensors", "*.bin"):
+        files = [p for p in path.glob(pattern) if p.is_file()]
+        if files:
+            return sum(p.stat().st_size for p in files)
+    return 0
+
+
+def wrapper_bytes(model: nn.Module) -> int:
+    """Bytes of the wrappers ``a`` and ``b`` of every ArmorLinear of ``model``."""
+    from .linear import ArmorLinear
+
+    return sum(m.a.nbytes + m.b.nbytes for m in model.modules() if isinstance(m, ArmorLinear))
+
+
+def prune_report(out, source: str, model: nn.Module) -> dict:
+    """What ``armor prune`` prints at the end: the checkpoint's bytes on disk, the source's, plain 2:4's.
+
+    -> ``{"checkpoint", "source", "plain24", "wrappers", "text", "larger_than_source"}`` (the last: a warning
+    text, or None). Plain 2:4 is the same checkpoint without the wrappers (values + metadata + the rest).
+    """
+    from armor_solver import models
+
+    ckpt = weight_bytes(out)
+    paths = models.model_sources(source)
+    src = weight_bytes(paths[0]) if paths else 0
+    wrappers = wrapper_bytes(model)
+    plain = ckpt - wrappers
+
+    def vs(n: int) -> str:
+        return f" ({n / src:.3f}x the source)" if src else ""
+
+    text = (f"on disk: checkpoint {ckpt:,} bytes{vs(ckpt)}; source {src:,} bytes ({paths[0] if paths else source}); "
+            f"plain 2:4 would take {plain:,} bytes{vs(plain)} (the checkpoint without its {wrappers:,} bytes of "
+            "wrappers A, B)")
+    larger = None
+    if src and ckpt > src:
+        stored = next((str(p.dtype).replace("torch.", "") for p in model.parameters()), "?")
+        kept, why = models.source_dtype(source)
+        reasons = []
+        if "quantized" in why:
+            reasons.append(f"{why.split(':')[0]}, while the checkpoint stores {stored}")
+        elif torch.empty((), dtype=kept).element_size() < torch.empty((), dtype=getattr(torch, stored, torch.float32)).element_size():
+            reasons.append(f"the source is {str(kept).replace('torch.', '')}, the checkpoint {stored} (see --dtype)")
+        if wrappers and plain <= src:
+            reasons.append(f"its wrappers take {wrappers:,} bytes (a smaller --block-size shrinks them)")
+        larger = (f"the checkpoint ({ckpt:,} bytes) is larger than the source ({src:,} bytes)"
+                  + (f": {'; '.join(reasons)}" if reasons else ""))
+    return {"checkpoint": ckpt, "source": src, "plain24": plain, "wrappers": wrappers, "text": text,
+            "larger_than_source": larger}
 
 
 def smollm2_gguf() -> tuple[str, str]:
@@ -115,64 +172,105 @@ def nowag_p_weights(model: nn.Module, targets, block: int = 128, h: dict | None 
     return out
 
 
-def _table(rows: list[tuple[str, int, float]]) -> str:
-    lines = ["| quantity | bytes | MiB | vs dense |", "|---|---:|---:|---:|"]
-    for label, n, ratio in rows:
-        lines.append(f"| {label} | {n:,} | {n / 2**20:.2f} | {ratio:.4f} |")
-    return "\n".join(lines)
+def checkpoint_bytes(folder) -> dict[str, int]:
+    """Bytes of a checkpoint folder's shards, and what its tensors imply, from the safetensors headers.
+
+    ``files``: the *.safetensors files; ``tensors``: their tensor payload; ``headers``: the difference;
+    ``implied``: the layer formula (``layer_bytes``, with the bias) for every ARMOR layer plus ``numel x
+    element size`` for every other tensor; ``wrappers``, ``armor_core``, ``dense_equivalent`` (every ARMOR
+    layer as a dense weight + bias of the same dtype) for the table.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    elem = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I64": 8, "I32": 4, "BOOL": 1}
+    shapes: dict[str, tuple[list[int], str]] = {}
+    files = sorted(Path(folder).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for key in h.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                sl = h.get_slice(key)
+                shapes[key] = (list(sl.get_shape()), sl.get_dtype())
+
+    def nbytes(key: str) -> int:
+        shape, kind = shapes[key]
+        n = 1
+        for d in shape:
+            n *= d
+        return n * elem[kind]
+
+    qc = json.loads((Path(folder) / "config.json").read_text()).get("quantization_config") or {}
+    layers = sorted({k.rsplit(".", 1)[0] for k in shapes if k.endswith(".values")}) if qc.get("quant_method") == "armor" else []
+    out = {"files": sum(f.stat().st_size for f in files), "tensors": sum(nbytes(k) for k in shapes),
+           "wrappers": 0, "armor_core": 0, "dense_equivalent": 0, "layers": len(layers)}
+    implied, used = 0, set()
+    for name in layers:
+        (d_out, half), kind = shapes[f"{name}.values"]
+        e = elem[kind]
+        bo, bi = shapes[f"{name}.a"][0][-1], shapes[f"{name}.b"][0][-1]
+        sizes = layer_bytes(d_out, 2 * half, bo, bi, e)
+        bias = nbytes(f"{name}.bias") if f"{name}.bias" in shapes else 0
+        implied += sizes["armor"] + bias
+        out["wrappers"] += sizes["armor_wrappers"]
+        out["armor_core"] += sizes["armor_core"]
+        out["dense_equivalent"] += sizes["dense"]
+        used |= {f"{name}.{k}" for k in ("a", "values", "meta", "b", "bias")}
+    out["implied"] = implied + sum(nbytes(k) for k in shapes if k not in used)
+    out["headers"] = out["files"] - out["tensors"]
+    return out
+
+
+def write_bf16_source(folder: Path) -> Path:
+    """SmolLM2-135M-Instruct from the embedded GGUF, dequantized, saved as a plain bfloat16 HF folder."""
+    if (folder / "config.json").is_file():
+        return folder
+    model, tokenizer = load_smollm2(torch.bfloat16)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return folder
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="/tmp/armor_sizes", help="where the dense and ARMOR checkpoints are written")
-    parser.add_argument("--block", type=int, default=128, help="preferred block size per side")
-    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--out", default="/tmp/armor_sizes", help="where the source and the checkpoints are written")
+    parser.add_argument("--methods", default="nowag-p,armor", help="comma-separated armor prune methods")
+    parser.add_argument("--nsamples", type=int, default=4, help="calibration sequences (sizes do not depend on them)")
+    parser.add_argument("--seqlen", type=int, default=128, help="tokens per calibration sequence")
     args = parser.parse_args(argv)
 
-    from .checkpoint import save_pretrained
-    from .convert import convert_model
-    from .targets import default_targets
+    from . import cli
 
-    dtype = getattr(torch, args.dtype)
-    elem = torch.empty((), dtype=dtype).element_size()
-    model, tokenizer = load_smollm2(dtype)
     out = Path(args.out)
-    model.save_pretrained(out / "dense")
-    tokenizer.save_pretrained(out / "dense")
-    dense_disk = folder_bytes(out / "dense")
-
-    targets = default_targets(model.config.model_type)
-    weights = nowag_p_weights(model, targets, args.block)
-    shapes = {n: (w.d_out, w.d_in, w.block_out, w.block_in) for n, w in weights.items()}
-    report = convert_model(model, weights)
-    del weights
-    save_pretrained(model, out / "armor", tokenizer=tokenizer, solver_settings={"method": "nowag_p-like (sizes only)"})
-    armor_disk = folder_bytes(out / "armor")
-
-    b = model_layer_bytes(shapes, elem)
-    # measured from the converted modules' buffers (bias excluded, as in layer_bytes)
-    resident = sum(
-        t.nbytes for n in report.converted for k, t in model.get_submodule(n).state_dict().items() if k != "bias"
-    )
-    blocks = sorted({(bo, bi) for _, _, bo, bi in shapes.values()})
-    print(f"SmolLM2-135M, {len(shapes)} pruned layers, {args.dtype}, preferred block {args.block} "
-          f"(block pairs used: {blocks})\n")
-    d = b["dense"]
-    print(_table([
-        ("pruned layers, dense weights", d, 1.0),
-        ("pruned layers, plain 2:4 (values + 4-bit meta)", b["plain24"], b["plain24"] / d),
-        ("pruned layers, ARMOR core (= plain 2:4)", b["armor_core"], b["armor_core"] / d),
-        ("pruned layers, ARMOR wrappers A and B", b["armor_wrappers"], b["armor_wrappers"] / d),
-        ("pruned layers, ARMOR total", b["armor"], b["armor"] / d),
-        ("pruned layers, ARMOR resident (measured buffers)", resident, resident / d),
-        ("checkpoint on disk, dense (*.safetensors)", dense_disk["safetensors"], dense_disk["safetensors"] / dense_disk["safetensors"]),
-        ("checkpoint on disk, ARMOR (*.safetensors)", armor_disk["safetensors"], armor_disk["safetensors"] / dense_disk["safetensors"]),
-        ("checkpoint on disk, plain 2:4 (computed: ARMOR - wrappers)",
-         armor_disk["safetensors"] - b["armor_wrappers"], (armor_disk["safetensors"] - b["armor_wrappers"]) / dense_disk["safetensors"]),
-    ]))
-    print(f"\ncore / dense = {b['armor_core']}/{d} = {b['armor_core'] / d:.6f} (9/16 = {9 / 16:.6f}); "
-          f"checkpoint folders incl. tokenizer: dense {dense_disk['all_files']:,} B, ARMOR {armor_disk['all_files']:,} B")
-    print("(disk ratios are against the whole dense checkpoint, whose embeddings stay dense in both)")
+    out.mkdir(parents=True, exist_ok=True)
+    source = write_bf16_source(out / "source-bf16")
+    src = weight_bytes(source)
+    rows = [("source: SmolLM2-135M-Instruct, dense bfloat16 HF folder", src, None)]
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        ckpt = out / method
+        command = ["prune", "--model", str(source), "--method", method, "--out", str(ckpt),
+                   "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)]
+        print("armor " + " ".join(command), flush=True)
+        if cli.main(command) != 0:
+            return 1
+        b = checkpoint_bytes(ckpt)
+        rows.append((f"`armor prune --method {method}`: checkpoint files", b["files"], b))
+    print(f"\nsource {source}: {src:,} bytes of *.safetensors\n")
+    print("| output | bytes on disk | vs source | tensor bytes | implied by the block sizes | of which wrappers |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for label, n, b in rows:
+        if b is None:
+            print(f"| {label} | {n:,} | 1.000 | | | |")
+        else:
+            print(f"| {label} | {n:,} | {n / src:.3f} | {b['tensors']:,} | {b['implied']:,} | {b['wrappers']:,} |")
+    for label, n, b in rows[1:]:
+        print(f"\n{label}: {b['layers']} ARMOR layers; safetensors headers {b['headers']:,} bytes; the pruned layers "
+              f"take {b['armor_core'] + b['wrappers']:,} bytes against {b['dense_equivalent']:,} dense "
+              f"({(b['armor_core'] + b['wrappers']) / b['dense_equivalent']:.4f}); the 2:4 core alone "
+              f"{b['armor_core']:,} ({b['armor_core'] / b['dense_equivalent']:.4f}); plain 2:4 on disk "
+              f"(the checkpoint without its wrappers) {n - b['wrappers']:,} bytes ({(n - b['wrappers']) / src:.3f}x the source)")
     return 0
 
 

@@ -1,37 +1,44 @@
 """Prune a model block by block, resumably, and save an ARMOR checkpoint.
 
 Order of work: validate everything that can be validated without computing
-(method, sequence length, targets, block sizes, finite weights, output
-directory, corpus length), then walk the decoder blocks: collect statistics,
-prune the block's target linears, and after each finished block atomically
-write its results to ``OUT/.armor_partial/`` (safetensors + progress JSON with
-the run's settings). Rerunning the same command resumes after the last
-finished block; a different run into the same OUT is refused before any work.
+(method and its options, sequence length, targets, block sizes, finite
+weights, output directory, corpus length), then walk the decoder blocks:
+collect statistics, prune the block's target linears, cast the result to the
+save dtype, and after each finished block atomically write it to
+``OUT/.armor_partial/`` (safetensors + progress JSON with the run's settings).
+Rerunning the same command resumes after the last finished block; a different
+run into the same OUT is refused before any work. OUT is claimed through
+``armor_solver.outputs`` (lock, recovery of a crashed save, refusals) for the
+whole run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from armor_kernels import ArmorWeights, choose_block_size, reference
+from armor_kernels import ArmorWeights, choose_block_size, reference, sparse24
 from armor_kernels.formats import ArmorFormatError
 
-from . import calibration, data
+from . import calibration, data, outputs
 from . import methods as registry
 from .methods._plain24 import nowag_p_loss
 from .methods.base import PruneConfig
-from .models import max_positions
+from .methods.normalize import EPS
+from .models import max_positions, model_sources
 
 PARTIAL = ".armor_partial"
 PROGRESS = "progress.json"
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class PipelineError(ValueError):
@@ -53,11 +60,22 @@ class PruneSettings:
     ignore: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
     propagation: str = ""  # "dense" or "sequential"; empty: the method's published mode
+    dtype: str = ""  # dtype the pruned layers (and the checkpoint) are stored in; empty: the model's
 
     def resolved(self) -> PruneSettings:
-        prop = self.propagation or registry.propagation(self.method)
+        """Validated copy, the method's defaults filled in. Everything here is checked before any work."""
+        prop = self.propagation or registry.propagation(self.method)  # an unknown method raises here
         if prop not in ("dense", "sequential"):
             raise PipelineError(f"propagation {prop!r}: choose 'dense' or 'sequential'")
+        for name, value, least in (("nsamples", self.nsamples, 1), ("seqlen", self.seqlen, 2), ("block_size", self.block_size, 4)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                why = " (input blocks hold whole 2:4 groups)" if name == "block_size" else ""
+                raise PipelineError(f"--{name.replace('_', '-')} {value!r}: must be an integer of at least {least}{why}")
+        if self.iters is not None and (isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0):
+            raise PipelineError(f"--iters {self.iters!r}: must be an integer of at least 0")
+        if self.dtype and self.dtype not in SAVE_DTYPES:
+            raise PipelineError(f"--dtype {self.dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
+        registry.check_options(self.method, self.extra, near=tuple(f.name for f in fields(PruneSettings)))
         return replace(self, propagation=prop, ignore=list(self.ignore), targets=list(self.targets) if self.targets else None)
 
 
@@ -69,9 +87,11 @@ class PipelineResult:
     seconds: float
     out_dir: str | None = None
     conversion: object = None  # armor_runtime.convert.ConversionReport once converted
+    warnings: list[str] = field(default_factory=list)
 
-    def mean_loss(self) -> float:
-        losses = [v["proxy_loss"] for v in self.layers.values()]
+    def mean_loss(self, key: str = "proxy_loss") -> float:
+        """Mean over layers of ``key``: ``proxy_loss`` (the method's fit) or ``proxy_loss_deployed`` (as stored)."""
+        losses = [v[key] for v in self.layers.values()]
         return sum(losses) / len(losses)
 
 
@@ -104,24 +124,59 @@ def _read_progress(partial: str) -> dict | None:
         return json.load(f)
 
 
-def check_out_dir(out_dir: str, settings: dict) -> dict | None:
-    """-> the progress of a matching unfinished run (None: fresh start). Refuses any other content."""
-    if not os.path.isdir(out_dir) or not os.listdir(out_dir):
+@dataclass
+class OutDir:
+    """What ``claim_out_dir`` found in OUT."""
+
+    progress: dict | None = None  # an unfinished run with the same settings (None: a fresh start)
+    finished: bool = False  # OUT holds the finished checkpoint of a run with the same settings
+    recovered: list[str] = field(default_factory=list)  # what was done to a save a dead run left half done
+
+
+def _recorded_settings(out_dir: Path) -> dict | None:
+    """The run settings recorded in a finished checkpoint's config.json (None: not a checkpoint of ours)."""
+    try:
+        config = json.loads((out_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    progress = _read_progress(os.path.join(out_dir, PARTIAL))
-    if progress is None:
-        raise PipelineError(
-            f"{out_dir} already holds files that are not an unfinished run of this command "
-            f"({', '.join(sorted(os.listdir(out_dir))[:5])}); choose another --out or remove it"
-        )
-    if progress.get("settings") != settings:
-        old = progress.get("settings") or {}
-        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
-        raise PipelineError(
-            f"{out_dir} holds an unfinished different run ({'; '.join(diff)}); "
-            "rerun with the same settings to resume, or choose another --out"
-        )
-    return progress
+    record = dict(((config.get("quantization_config") or {}).get("solver")) or {})
+    if "calibration_text" in record:
+        record["text"] = record.pop("calibration_text")
+    return record
+
+
+def same_run(settings: dict, found: OutDir | None = None):
+    """``may_replace`` for ``outputs.claim``: accept OUT holding an unfinished (or the finished) run of ``settings``."""
+    found = found if found is not None else OutDir()
+
+    def may_replace(path: Path) -> str | None:
+        progress = _read_progress(os.path.join(path, PARTIAL))
+        if progress is not None:
+            if progress.get("settings") != settings:
+                old = progress.get("settings") or {}
+                diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in settings.items() if old.get(k) != v]
+                raise PipelineError(
+                    f"{path} holds an unfinished different run ({'; '.join(diff)}); "
+                    "rerun with the same settings to resume, or choose another --out"
+                )
+            found.progress = progress
+            return None
+        record = _recorded_settings(path)
+        if record is not None and all(record.get(k) == v for k, v in settings.items()):
+            found.finished = True
+            return None
+        return "they are not an unfinished run of this command"
+
+    return may_replace
+
+
+@contextlib.contextmanager
+def claim_out_dir(out_dir: str, settings: dict):
+    """Hold OUT for the run (``outputs.claim``: lock, recovery, refusals) -> ``OutDir``."""
+    found = OutDir()
+    with outputs.claim(out_dir, sources=model_sources(settings.get("model", "")), may_replace=same_run(settings, found)) as c:
+        found.recovered = c.recovered
+        yield found
 
 
 # ---- partial results ---------------------------------------------------------------
@@ -130,6 +185,13 @@ def _atomic_json(path: str, obj) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)
+
+
+def _remove_temp_files(partial: str) -> None:
+    """``*.tmp`` files a dead run left in the partial folder (its last block or progress write)."""
+    for name in os.listdir(partial):
+        if name.endswith(".tmp"):
+            os.remove(os.path.join(partial, name))
 
 
 def save_block(partial: str, index: int, weights: dict[str, ArmorWeights], progress: dict) -> None:
@@ -164,6 +226,57 @@ def materialize_into(model, weights: dict[str, ArmorWeights]) -> None:
         _apply(model.get_submodule(name), w)
 
 
+def stored_loss(weight: torch.Tensor, packed: ArmorWeights, h: torch.Tensor) -> float:
+    """``normalize.proxy_loss`` of the packed tensors as stored (after any cast) against ``weight``.
+
+    Row chunk by row chunk (whole output blocks): the row norms are per row and the column norms are
+    summed first, so no dense fp32 copy of the whole layer is made (a 14336x4096 layer would need 235 MB each).
+    """
+    d_out, d_in = weight.shape
+    bo = packed.block_out
+    rows = max(bo, (1 << 22) // d_in // bo * bo)
+    chunks = [(r0, min(r0 + rows, d_out)) for r0 in range(0, d_out, rows)]
+    h = h.to(weight.device, torch.float32)
+    col = torch.zeros(d_in, device=weight.device)
+    for r0, r1 in chunks:
+        col += weight[r0:r1].float().square().sum(0)
+    col = col.sqrt() + EPS
+    num = den = 0.0
+    for r0, r1 in chunks:
+        w1 = weight[r0:r1].float() / col
+        row = w1.norm(dim=1, keepdim=True) + EPS
+        w_hat = reference.materialize(packed.a[r0 // bo:r1 // bo], packed.values[r0:r1], packed.meta[r0:r1], packed.b)
+        w_bar = w1 / row
+        num += float(((w_bar - w_hat.to(weight.device) / col / row).square() * h).sum())
+        den += float((w_bar.square() * h).sum())
+    return num / den
+
+
+def wrapper_excess(d_out: int, d_in: int, block_out: int, block_in: int, elem: int) -> tuple[int, int]:
+    """(wrapper bytes, 2:4 core bytes) of one layer stored with ``elem``-byte values."""
+    wrappers = elem * (block_out * d_out + block_in * d_in)  # n blocks of b x b per side: b * d elements
+    core = elem * d_out * (d_in // 2) + d_out * sparse24.meta_shape(d_out, d_in)[1]
+    return wrappers, core
+
+
+def _wrapper_warning(by_block, settings: PruneSettings, elem: int) -> str | None:
+    """One line naming the layers whose wrappers would take more bytes than their 2:4 core (None: none do)."""
+    block_sizes = getattr(registry.module(settings.method), "block_sizes", None)  # methods with wrappers publish it
+    if block_sizes is None:
+        return None
+    big = []
+    for linears in by_block.values():
+        for name, m in linears.items():
+            bo, bi = block_sizes(m.out_features, m.in_features, settings.block_size)
+            wrappers, core = wrapper_excess(m.out_features, m.in_features, bo, bi, elem)
+            if wrappers > core:
+                big.append(f"{name} [{m.out_features}x{m.in_features}] blocks {bo}/{bi}: wrappers {wrappers:,} B > core {core:,} B")
+    if not big:
+        return None
+    return (f"{len(big)} layers get wrappers larger than their 2:4 core at --block-size {settings.block_size} "
+            f"(a smaller --block-size shrinks them), e.g. {big[0]}")
+
+
 def prune_model(
     model,
     tokenizer,
@@ -181,10 +294,21 @@ def prune_model(
 
     ``calib_ids``/``dense_stats`` let a caller share calibration between runs of
     several methods; ``on_block_done(index)`` is called after each block is saved.
+    With ``out_dir`` the directory is held (locked) for the whole run.
     """
+    settings = settings.resolved()
+    if out_dir is None:
+        return _prune(model, tokenizer, settings, None, None, device, corpus, calib_ids, dense_stats, on_block_done, log, save)
+    with claim_out_dir(out_dir, asdict(settings)) as found:
+        if found.finished:
+            raise PipelineError(f"{out_dir} already holds the finished checkpoint of this run; remove it to prune again")
+        return _prune(model, tokenizer, settings, out_dir, found.progress, device, corpus, calib_ids, dense_stats,
+                      on_block_done, log, save)
+
+
+def _prune(model, tokenizer, settings, out_dir, progress, device, corpus, calib_ids, dense_stats, on_block_done, log, save):
     t0 = time.time()
     log = log or tqdm.write
-    settings = settings.resolved()
     settings_dict = asdict(settings)
     prune_fn = registry.get(settings.method)
     full = registry.needs_xtx(settings.method)
@@ -192,19 +316,20 @@ def prune_model(
     limit = max_positions(model)
     if limit is not None and settings.seqlen > limit:
         raise PipelineError(f"--seqlen {settings.seqlen} exceeds the model's max_position_embeddings = {limit}")
-    if settings.block_size < 4:
-        raise PipelineError(f"--block-size {settings.block_size}: must be at least 4 (input blocks hold whole 2:4 groups)")
     try:
         by_block = calibration.find_targets(model, settings.targets, settings.ignore)
     except ValueError as e:
         raise PipelineError(str(e)) from None
     check_block_sizes(by_block, settings.block_size)
     check_finite_weights(by_block)
+    save_dtype = getattr(torch, settings.dtype) if settings.dtype else None
+    first = next(iter(next(iter(by_block.values())).values()))
+    elem = torch.empty((), dtype=save_dtype or first.weight.dtype).element_size()
+    warnings = [w for w in (_wrapper_warning(by_block, settings, elem),) if w]
+    for w in warnings:
+        log(f"warning: {w}")
 
-    partial = progress = None
-    if out_dir is not None:
-        progress = check_out_dir(out_dir, settings_dict)
-        partial = os.path.join(out_dir, PARTIAL)
+    partial = os.path.join(out_dir, PARTIAL) if out_dir is not None else None
     done = set(progress["done_blocks"]) if progress else set()
     progress = progress or {"settings": settings_dict, "done_blocks": [], "layers": {}}
 
@@ -225,6 +350,7 @@ def prune_model(
     elif partial:
         os.makedirs(partial, exist_ok=True)
     if partial:
+        _remove_temp_files(partial)
         _atomic_json(os.path.join(partial, PROGRESS), progress)
 
     cfg = PruneConfig(block_size=settings.block_size, iters=settings.iters, device=device, extra=dict(settings.extra))
@@ -265,25 +391,35 @@ def prune_model(
             packed = result.weights.to("cpu")
             if linear.bias is not None and packed.bias is None:
                 packed = replace(packed, bias=linear.bias.detach().to("cpu", packed.dtype).contiguous())
+            if save_dtype is not None and packed.dtype != save_dtype:
+                packed = packed.to(dtype=save_dtype)  # computed in the model's dtype, stored in the save dtype
             packed.validate(name)
             seconds = time.time() - ts
             info = {k: v for k, v in result.info.items() if isinstance(v, (int, float, str, bool)) or v is None}
             init = info.get("init_loss")
             if init is None:
                 init = nowag_p_loss(w, stats[name].cleaned_h())
+            deployed = stored_loss(linear.weight.detach(), packed, stats[name].cleaned_h())  # the loss of what is saved
+            wrappers, core = wrapper_excess(linear.out_features, linear.in_features, packed.block_out,
+                                            packed.block_in, packed.values.element_size())
             info.update(
                 shape=[linear.out_features, linear.in_features],
                 block_out=packed.block_out,
                 block_in=packed.block_in,
                 nowag_p_loss=float(init),
+                proxy_loss_deployed=deployed,
+                dtype=str(packed.dtype).replace("torch.", ""),
                 seconds=round(seconds, 3),
             )
+            if wrappers > core:
+                info["wrappers_exceed_core"] = {"wrapper_bytes": wrappers, "core_bytes": core}
             layers[name] = info
             block_weights[name] = packed
             bar.update(1)
             log(
                 f"{name} [{linear.out_features}x{linear.in_features}] blocks {packed.block_out}/{packed.block_in} "
-                f"loss nowag-p {init:.4f} -> {info['proxy_loss']:.4f} ({seconds:.1f}s)"
+                f"loss nowag-p {init:.4f} -> {info['proxy_loss']:.4f}, stored {info['dtype']} {deployed:.4f} "
+                f"({seconds:.1f}s)"
             )
         if settings.propagation == "sequential":
             for name, w in block_weights.items():
@@ -300,7 +436,8 @@ def prune_model(
             on_block_done(i)
     bar.close()
 
-    result = PipelineResult(weights, {n: layers[n] for n in names_needed}, settings, time.time() - t0, out_dir)
+    result = PipelineResult(weights, {n: layers[n] for n in names_needed}, settings, time.time() - t0, out_dir,
+                            warnings=warnings)
     if save:
         finish(model, tokenizer, result, partial)
     return result
@@ -312,8 +449,26 @@ def solver_record(result: PipelineResult) -> dict:
     s["calibration_text"] = s.pop("text")
     s["per_layer"] = result.layers
     s["mean_proxy_loss"] = result.mean_loss()
+    s["mean_proxy_loss_deployed"] = result.mean_loss("proxy_loss_deployed")
+    s["warnings"] = list(result.warnings)
     s["seconds"] = round(result.seconds, 1)
     return s
+
+
+def _cast_floating(model, dtype: torch.dtype) -> None:
+    """Cast every floating parameter and persistent buffer to ``dtype`` (``convert_model`` then packs in it).
+
+    Non-persistent buffers (rotary ``inv_freq``) keep their dtype, as ``from_pretrained`` leaves them.
+    """
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # tied parameters are one object: cast once, still tied
+        for key, b in list(module._buffers.items()):
+            if b is not None and b.is_floating_point() and key not in module._non_persistent_buffers_set:
+                module._buffers[key] = b.to(dtype)
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = dtype
 
 
 def finish(model, tokenizer, result: PipelineResult, partial: str | None) -> None:
@@ -321,6 +476,8 @@ def finish(model, tokenizer, result: PipelineResult, partial: str | None) -> Non
     from armor_runtime.convert import convert_model
 
     targets = result.settings.targets or calibration.model_targets(model)
+    if result.settings.dtype:
+        _cast_floating(model, getattr(torch, result.settings.dtype))
     report = convert_model(model, result.weights, targets=targets, ignore=result.settings.ignore)
     failed = {n: why for n, why in report.skipped.items() if n in result.weights}
     if failed:
@@ -329,6 +486,7 @@ def finish(model, tokenizer, result: PipelineResult, partial: str | None) -> Non
     if result.out_dir is not None:
         from armor_runtime.checkpoint import save_pretrained
 
-        save_pretrained(model, result.out_dir, tokenizer=tokenizer, solver_settings=solver_record(result))
+        save_pretrained(model, result.out_dir, tokenizer=tokenizer, solver_settings=solver_record(result),
+                        may_replace=same_run(asdict(result.settings)))
         if partial and os.path.isdir(partial):
             shutil.rmtree(partial)

@@ -118,6 +118,10 @@ def _print_text(info: dict) -> None:
 
 
 def run(args) -> int:
+    from ._common import check_device
+
+    if args.device is not None:
+        check_device(args.device)
     info = collect(args.device, tuple(args.shape))
     if args.json:
         print(json.dumps(info, indent=2, default=str))

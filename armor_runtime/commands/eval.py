@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
+from ._common import DTYPES, add_trust_remote_code, check_device, torch_dtype
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, help='dense HF directory, ARMOR checkpoint, .gguf file or "smollm2-135m"')
@@ -13,35 +15,38 @@ def add_arguments(parser) -> None:
     parser.add_argument("--windows", type=int, default=32, help="number of non-overlapping windows")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="auto: the stored dtype (a quantized GGUF: bfloat16)")
     parser.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
     parser.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_trust_remote_code(parser)
 
 
 def run(args) -> int:
     from armor_solver import data, evaluate, models
 
-    try:
-        corpus = data.load_corpus(args.text)
-        model, tokenizer, source = models.load_model(args.model)
-        limit = models.max_positions(model)
-        if limit is not None and args.seqlen > limit:
-            raise ValueError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings = {limit}")
-        windows = data.evaluation_ids(tokenizer, corpus, args.windows, args.seqlen)
-        model.to(args.device)
-        result = evaluate.perplexity(model, windows, batch_size=args.batch_size, device=args.device)
-        result.update(model=source, text=corpus.source)
-        if args.tasks:
-            if not evaluate.lm_eval_available():
-                print("lm_eval is not installed: skipping --tasks", file=sys.stderr)
-            else:
-                result["lm_eval"] = evaluate.run_lm_eval(model, tokenizer, args.tasks.split(","), limit=args.limit)
-    except (ValueError, RuntimeError) as e:
-        print(f"armor eval: error: {e}", file=sys.stderr)
-        return 2
+    check_device(args.device)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
+    corpus = data.load_corpus(args.text)
+    model, tokenizer, source = models.load_model(args.model, dtype=torch_dtype(args.dtype),
+                                                 trust_remote_code=args.trust_remote_code)
+    limit = models.max_positions(model)
+    if limit is not None and args.seqlen > limit:
+        raise ValueError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings = {limit}")
+    windows = data.evaluation_ids(tokenizer, corpus, args.windows, args.seqlen)
+    model.to(args.device)
+    result = evaluate.perplexity(model, windows, batch_size=args.batch_size, device=args.device)
+    result.update(model=source, text=corpus.source, dtype=str(next(model.parameters()).dtype).replace("torch.", ""))
+    if args.tasks:
+        if not evaluate.lm_eval_available():
+            print("lm_eval is not installed: skipping --tasks", file=sys.stderr)
+        else:
+            result["lm_eval"] = evaluate.run_lm_eval(model, tokenizer, args.tasks.split(","), limit=args.limit)
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:
         print(f"perplexity {result['ppl']:.3f} on {result['windows']} windows x {result['seqlen']} tokens "
-              f"of the held-out split of {result['text']} ({result['seconds']:.1f} s) — {source}")
+              f"of the held-out split of {result['text']} ({result['seconds']:.1f} s, {result['dtype']}) — {source}")
     return 0

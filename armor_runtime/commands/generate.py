@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+from ._common import DTYPES, add_trust_remote_code, check_device, torch_dtype
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="checkpoint directory (ARMOR or plain Hugging Face)")
+    parser.add_argument("--model", required=True, help='checkpoint directory (ARMOR or plain Hugging Face), .gguf file or "smollm2-135m"')
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -18,23 +18,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the checkpoint's dtype")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return "auto" if name == "auto" else getattr(torch, name)
+    add_trust_remote_code(parser)
 
 
 def run(args) -> int:
     import torch
-    from transformers import AutoTokenizer
 
-    from armor_runtime.checkpoint import load_pretrained
+    from armor_solver import models
 
+    check_device(args.device)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     torch.manual_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = load_pretrained(args.model, dtype=torch_dtype(args.dtype)).to(args.device).eval()
+    model, tokenizer, _ = models.load_model(args.model, dtype=torch_dtype(args.dtype),
+                                            trust_remote_code=args.trust_remote_code)
+    model = model.to(args.device).eval()
     prompt = args.prompt
     if args.chat and getattr(tokenizer, "chat_template", None):
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)

@@ -2,7 +2,12 @@
 
 Options this command does not know (``--solver X``, ``--time-budget 60``,
 ``--flag``) are passed to the method in ``PruneConfig.extra`` as
-``{"solver": "X", "time_budget": 60, "flag": True}``.
+``{"solver": "X", "time_budget": 60, "flag": True}``; the method's ``OPTIONS``
+decide which it takes, and anything else is refused before any work.
+
+The model is loaded and pruned in float32; the checkpoint is stored in the
+source's dtype (``models.source_dtype``: config.json's dtype, the GGUF's float
+type, bfloat16 for a quantized source) unless ``--dtype`` says otherwise.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ from dataclasses import asdict
 
 from armor_solver import methods as registry
 
-DTYPES = ("float32", "bfloat16", "float16")
+from ._common import add_trust_remote_code, check_device
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def add_arguments(parser) -> None:
@@ -30,11 +37,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--ignore", default="", help="comma-separated fnmatch patterns of module names never pruned")
     parser.add_argument("--propagation", choices=("dense", "sequential"), default=None,
                         help="statistics of the dense model, or through the already-pruned blocks (default: as the method was published)")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype the model is loaded and saved in")
+    parser.add_argument("--dtype", choices=DTYPES, default="auto",
+                        help="dtype the checkpoint is stored in (default auto: the source's; pruning runs in float32)")
+    add_trust_remote_code(parser)
     parser.set_defaults(_accepts_unknown=True)
     parser.epilog = (
         "Other --name value options go to the method (PruneConfig.extra), e.g. for ARMOR: "
-        "--solver exact|adam, --sweeps N, --time-budget SECONDS (per layer), --cg-steps N, --lr, --seed. "
+        "--solver exact|adam, --sweeps N, --time-budget SECONDS (per layer), --cg-steps N (exact), "
+        "--lr, --seed (adam); for SparseGPT: --damp. Unknown options are refused. "
         "Rerunning the same command after a crash or Ctrl-C resumes after the last finished block."
     )
 
@@ -72,7 +82,21 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def settings_from_args(args):
+def save_dtype(args) -> tuple[str, str]:
+    """(dtype name the checkpoint is stored in, why)."""
+    from armor_solver import models
+
+    if args.dtype != "auto":
+        return args.dtype, "--dtype"
+    dtype, why = models.source_dtype(args.model)
+    return str(dtype).replace("torch.", ""), f"the source's: {why}"
+
+
+def settings_from_args(args, dtype: str | None = None):
+    """``PruneSettings`` of the command line, validated (method, its options, numbers) before any work.
+
+    ``dtype``: the stored dtype (default: ``save_dtype(args)``).
+    """
     from armor_solver.pipeline import PruneSettings
 
     return PruneSettings(
@@ -87,34 +111,51 @@ def settings_from_args(args):
         ignore=_split(args.ignore),
         extra=parse_extra(getattr(args, "unknown", None) or []),
         propagation=args.propagation or "",
+        dtype=dtype or save_dtype(args)[0],
     ).resolved()
 
 
 def run(args) -> int:
     import torch
 
+    from armor_runtime import sizes
     from armor_solver import data, models, pipeline
 
     t0 = time.time()
+    check_device(args.device)
+    settings_from_args(args, dtype="float32")  # method, options and numbers first, before the model is read
+    dtype, why = save_dtype(args)
+    settings = settings_from_args(args, dtype)
     try:
-        settings = settings_from_args(args)
-        # refuse a different run in --out before loading anything
-        pipeline.check_out_dir(args.out, asdict(settings))
-        corpus = data.load_corpus(args.text)
-        model, tokenizer, source = models.load_model(args.model, dtype=getattr(torch, args.dtype))
-        print(f"model {source} ({type(model).__name__}); method {settings.method} ({settings.propagation} statistics); "
-              f"calibration {settings.nsamples} x {settings.seqlen} tokens from {corpus.source}", file=sys.stderr)
-        result = pipeline.prune_model(model, tokenizer, settings, out_dir=args.out, device=args.device, corpus=corpus)
+        # held for the whole run: a different run, a foreign or locked --out is refused before anything is loaded
+        with pipeline.claim_out_dir(args.out, asdict(settings)) as found:
+            for line in found.recovered:
+                print(f"armor prune: {line}", file=sys.stderr)
+            if found.finished:
+                print(f"{args.out} already holds the finished checkpoint of this run (same settings); nothing to do "
+                      "(remove it to prune again)")
+                return 0
+            corpus = data.load_corpus(args.text)
+            model, tokenizer, source = models.load_model(args.model, dtype=torch.float32,
+                                                         trust_remote_code=args.trust_remote_code)
+            print(f"model {source} ({type(model).__name__}); method {settings.method} ({settings.propagation} "
+                  f"statistics); calibration {settings.nsamples} x {settings.seqlen} tokens from {corpus.source}; "
+                  f"computed in float32, stored in {dtype} ({why})", file=sys.stderr)
+            result = pipeline.prune_model(model, tokenizer, settings, out_dir=args.out, device=args.device, corpus=corpus)
     except KeyboardInterrupt:
         print(f"\ninterrupted; finished blocks are kept in {args.out}/{pipeline.PARTIAL}: "
               "rerun the same command to resume", file=sys.stderr)
         return 130
-    except (ValueError, RuntimeError) as e:
-        print(f"armor prune: error: {e}", file=sys.stderr)
-        return 2
-    sizes = sorted({(v["block_out"], v["block_in"]) for v in result.layers.values()})
+    blocks = sorted({(v["block_out"], v["block_in"]) for v in result.layers.values()})
     print(f"pruned {len(result.layers)} layers with {settings.method} in {time.time() - t0:.0f} s; "
-          f"mean proxy loss {result.mean_loss():.4f}; block sizes (out/in) {sizes}")
+          f"mean proxy loss {result.mean_loss():.4f} (as stored in {settings.dtype}: "
+          f"{result.mean_loss('proxy_loss_deployed'):.4f}); block sizes (out/in) {blocks}")
     print(result.conversion.summary() if result.conversion is not None else "")
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    report = sizes.prune_report(args.out, args.model, model)
+    print(report["text"])
+    if report["larger_than_source"]:
+        print(f"warning: {report['larger_than_source']}", file=sys.stderr)
     print(f"saved {args.out}")
     return 0

@@ -4,7 +4,8 @@ Modules load lazily so a method that is absent or broken only fails when used.
 Each module defines ``prune(weight, stats, cfg)`` and may set ``PROPAGATION``
 ("dense": statistics of the dense model, as ARMOR and NoWag-P are published;
 "sequential": inputs through the already-pruned earlier blocks, as Wanda and
-SparseGPT are) and ``NEEDS_XTX`` (full XᵀX instead of its diagonal).
+SparseGPT are), ``NEEDS_XTX`` (full XᵀX instead of its diagonal) and ``OPTIONS``
+(``{key: base.Option}``, the ``cfg.extra`` keys it reads; a method without it takes none).
 """
 
 from __future__ import annotations
@@ -43,3 +44,15 @@ def propagation(name: str) -> str:
 
 def needs_xtx(name: str) -> bool:
     return bool(getattr(module(name), "NEEDS_XTX", False))
+
+
+def options(name: str) -> dict:
+    """``{key: base.Option}`` of method ``name`` (its ``cfg.extra`` keys)."""
+    return dict(getattr(module(name), "OPTIONS", {}))
+
+
+def check_options(name: str, extra: dict, near: tuple[str, ...] = ()) -> None:
+    """Refuse options method ``name`` does not take (naming the valid ones) and bad values, before any work."""
+    from .base import check_options as check
+
+    check(name, options(name), extra, near)

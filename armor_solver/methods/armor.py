@@ -43,11 +43,22 @@ from armor_kernels import ArmorWeights, choose_block_size, reference, sparse24
 
 from . import armor_adam, armor_exact
 from .armor_problem import Problem
-from .base import MethodResult, PruneConfig
+from .base import MethodResult, Option, PruneConfig, check_options
 from .normalize import normalize, stats_h
 from .nowag_p import nowag_mask
 
 SOLVERS = ("exact", "adam")
+OPTIONS = {
+    "solver": Option(str, "exact: closed-form sweeps; adam: the paper's schedule", default="exact", choices=SOLVERS),
+    "sweeps": Option(int, "exact sweeps (default: --iters, else 8)", minimum=0, only_with=("solver", "exact")),
+    "time_budget": Option(float, "seconds per layer, checked between sweeps or iterations", minimum=0),
+    "cg_steps": Option(int, "CG steps on the kept values per sweep", default=armor_exact.CG_STEPS, minimum=0,
+                       only_with=("solver", "exact")),
+    "stop_below": Option(float, "end the sweeps once the loss is at or below this", minimum=0,
+                         only_with=("solver", "exact")),
+    "lr": Option(float, "Adam learning rate", default=armor_adam.LR, minimum=0, only_with=("solver", "adam")),
+    "seed": Option(int, "group-sampling seed", default=0, minimum=0, only_with=("solver", "adam")),
+}
 
 
 def block_sizes(d_out: int, d_in: int, preferred: int) -> tuple[int, int]:
@@ -91,6 +102,7 @@ def _deployed_loss(prob: Problem, packed: ArmorWeights, r, c) -> float:
 def prune(weight: torch.Tensor, stats, cfg: PruneConfig | None = None) -> MethodResult:
     cfg = cfg or PruneConfig()
     extra = dict(cfg.extra or {})
+    check_options("armor", OPTIONS, extra)
     solver = _option(extra, "solver", "exact", str)
     if solver not in SOLVERS:
         raise ValueError(f"cfg.extra['solver']: expected one of {SOLVERS}, got {solver!r}")

@@ -13,12 +13,13 @@ import torch
 
 from ..stats import LayerStats
 from ._plain24 import check_weight, plain24_result
-from .base import MethodResult, PruneConfig
+from .base import MethodResult, Option, PruneConfig, check_options
 
 PROPAGATION = "sequential"
 NEEDS_XTX = True
 DAMP = 0.01  # fraction of the mean diagonal added to H
 COLUMN_BLOCK = 128
+OPTIONS = {"damp": Option(float, "fraction of the mean diagonal of XᵀX added to it", default=DAMP, minimum=0)}
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -40,6 +41,7 @@ def prune(weight: torch.Tensor, stats: LayerStats, cfg: PruneConfig) -> MethodRe
     check_weight(weight, stats)
     if stats is None or stats.xtx is None:
         raise ValueError("sparsegpt: needs the full XᵀX statistics (LayerStats with xtx)")
+    check_options("sparsegpt", OPTIONS, cfg.extra)
     damp = float(cfg.extra.get("damp", DAMP))
     w = weight.detach().float().clone()
     h = stats.xtx.to(w.device, torch.float32).clone()

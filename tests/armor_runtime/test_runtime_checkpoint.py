@@ -201,6 +201,83 @@ def test_non_finite_values_are_refused(broken):
         load_pretrained(broken)
 
 
+def _edit_qc(folder: Path, edit) -> None:
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    edit(cfg["quantization_config"])
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda qc: qc.pop("targets"), r"quantization_config\.targets: missing"),
+    (lambda qc: qc.pop("format_version"), r"quantization_config\.format_version: missing"),
+    (lambda qc: qc.pop("ignore"), r"quantization_config\.ignore: missing"),
+    (lambda qc: qc.update(targets=[]), r"quantization_config\.targets is empty"),
+    (lambda qc: qc.update(layout="v2"), r"quantization_config\.layout: unknown key"),
+    (lambda qc: qc.update(format_version="1"), r"format_version = '1' is not supported"),
+    (lambda qc: qc.update(block_size="big"), r"quantization_config\.block_size = 'big': expected \[block_out, block_in\]"),
+    (lambda qc: qc.update(block_size=[32]), r"quantization_config\.block_size = \[32\]"),
+    (lambda qc: qc["block_size"].update(default="x"), r"quantization_config\.block_size\.default = 'x'"),
+    (lambda qc: qc["block_size"]["layers"].update({"model.layers.0.mlp.down_proj": [16, "a"]}),
+     r"block_size\.layers\['model\.layers\.0\.mlp\.down_proj'\] = \[16, 'a'\]"),
+    (lambda qc: qc["block_size"]["layers"].update({"model.layers.7.mlp.down_proj": [16, 16]}),
+     r"block_size\.layers names 'model\.layers\.7\.mlp\.down_proj', which is not an ARMOR layer"),
+    (lambda qc: qc.update(block_size={"default": [24, 32], "layers": {}}), r"block_size of layer .*: block_out = 24 does not divide"),
+    (lambda qc: qc.update(targets=qc["targets"] + ["w_proj"]), r"targets names 'w_proj', which matches no linear"),
+    (lambda qc: qc.update(ignore=["model.layers.9.mlp.up_proj"]), r"ignore names 'model\.layers\.9\.mlp\.up_proj', which matches no"),
+])
+def test_broken_quantization_config_is_refused_naming_the_key(broken, edit, match):
+    _edit_qc(broken, edit)
+    with pytest.raises(ArmorCheckpointError, match=rf"{broken / 'config.json'}: .*{match}"):
+        load_pretrained(broken)
+
+
+def test_targets_that_leave_packed_tensors_unused_are_refused(broken):
+    # up_proj dropped from the targets: its packed tensors would be ignored and the layer randomly initialized
+    _edit_qc(broken, lambda qc: qc.update(targets=[t for t in qc["targets"] if t != "up_proj"]))
+    with pytest.raises(ArmorCheckpointError, match=r"tensor model\.layers\.0\.mlp\.up_proj\.a is not used by the "
+                                                   r"model; .* quantization_config\.targets/ignore leave it dense"):
+        load_pretrained(broken)
+
+
+def test_ignore_that_contradicts_the_shards_is_refused(broken):
+    _edit_qc(broken, lambda qc: qc.update(ignore=[KEY]))
+    with pytest.raises(ArmorCheckpointError, match=rf"tensor {KEY}\.a is not used by the model"):
+        load_pretrained(broken)
+
+
+def test_leftover_and_missing_tensors_are_refused(broken):
+    import torch
+
+    shard = _shard_of(broken, f"{KEY}.values")
+    _rewrite(shard, lambda t: t.__setitem__("model.layers.1.mlp.extra.weight", torch.ones(3)))
+    with pytest.raises(ArmorCheckpointError, match=rf"{shard.name}: tensor model\.layers\.1\.mlp\.extra\.weight is not used"):
+        load_pretrained(broken)
+    _rewrite(shard, lambda t: t.pop("model.layers.1.mlp.extra.weight"))
+    norm = _shard_of(broken, "model.norm.weight")
+    _rewrite(norm, lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(ArmorCheckpointError, match=r"tensor model\.norm\.weight of the model is missing .*randomly initialized"):
+        load_pretrained(broken)
+
+
+def test_tied_embeddings_load_without_an_lm_head_tensor(tmp_path, input_ids, make_tiny_config, make_armor_weights):
+    import transformers
+
+    from armor_runtime.convert import convert_model
+
+    config = make_tiny_config("llama")
+    config.tie_word_embeddings = True
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    convert_model(model, {n: make_armor_weights(m) for n, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets})
+    out = _save(model, tmp_path / "tied")
+    index, _ = _shards(out)
+    assert "lm_head.weight" not in index["weight_map"]
+    with torch.inference_mode():
+        torch.testing.assert_close(load_pretrained(out)(input_ids).logits, model(input_ids).logits, rtol=0, atol=0)
+
+
 # ---- export, CLI ---------------------------------------------------------------
 
 def _tiny_tokenizer():
@@ -258,10 +335,15 @@ def test_cli_generate_with_copied_tokenizer(make_converted, tmp_path, capsys):
 def test_save_is_atomic_and_replaces(make_converted, tmp_path):
     model, _ = make_converted("qwen3")
     out = _save(model, tmp_path / "ckpt")
-    (out / "stale.txt").write_text("from an older save")
+    (out / "model-00099-of-00099.safetensors").write_text("a shard of an older save")
     _save(model, tmp_path / "ckpt")
-    assert not (out / "stale.txt").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp or backup folder left behind
+    assert not (out / "model-00099-of-00099.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temp, backup or lock file left behind
+    # a folder holding anything besides a checkpoint is never replaced
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="besides a checkpoint it holds notes.txt"):
+        _save(model, tmp_path / "ckpt")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
     with pytest.raises(ValueError, match="no ArmorLinear layer"):
         import transformers
 
@@ -281,3 +363,69 @@ def test_gguf_loaded_model_saves_after_dropping_the_stale_quantizer(make_convert
     assert json.loads((out / "config.json").read_text())["quantization_config"]["quant_method"] == "armor"
     assert getattr(model, "hf_quantizer", None) is None
     assert isinstance(load_pretrained(out).model.layers[0].mlp.up_proj, ArmorLinear)
+
+
+def _one_error_line(capsys, command: str) -> str:
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.startswith(f"armor {command}: error:")]
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert f"armor {command}: error:" not in captured.out  # errors go to stderr
+    return lines[0]
+
+
+def test_export_never_replaces_what_it_should_not(saved_llama, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from armor_runtime import cli
+
+    source = Path(shutil.copytree(saved_llama, tmp_path / "lib" / "src"))
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep")
+    (work / "file").write_text("keep")
+    monkeypatch.chdir(work)
+    for out, match in [(".", "is the working directory"), ("", "--out is empty"), ("..", "parent of the working"),
+                       (str(source), "is the source"), (str(source / "sub"), "lies inside the source"),
+                       ("file", "is a file"), ("file/x", "is a file, so nothing"), (str(source.parent), "holds the source")]:
+        assert cli.main(["export", "--dense", str(source), "--out", out]) == 2, out
+        assert match in _one_error_line(capsys, "export")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_text("someone's")
+    assert cli.main(["export", "--dense", str(source), "--out", str(other)]) == 2
+    assert "already holds files" in _one_error_line(capsys, "export")
+    assert (other / "model.safetensors").read_text() == "someone's"
+    assert sorted(os.listdir(work)) == ["file", "notes.txt"]
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+
+
+def test_export_and_generate_errors_are_one_line(saved_llama, tmp_path, capsys):
+    from armor_runtime import cli
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text('{"model_type": "llama"}')
+    assert cli.main(["export", "--dense", str(plain), "--out", str(tmp_path / "o")]) == 2
+    assert "not an ARMOR checkpoint" in _one_error_line(capsys, "export")
+    assert cli.main(["export", "--dense", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys, "export")
+    assert cli.main(["export", "--dense", str(saved_llama), "--out", str(tmp_path / "o"), "--max-shard-size", "lots"]) == 2
+    assert "--max-shard-size 'lots'" in _one_error_line(capsys, "export")
+    (plain / "config.json").write_text("{not json")
+    assert cli.main(["export", "--dense", str(plain), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid JSON" in _one_error_line(capsys, "export")
+    assert not (tmp_path / "o").exists()
+    # a malformed block_size that names no file or key
+    broken = tmp_path / "broken"
+    import shutil
+
+    shutil.copytree(saved_llama, broken)
+    _tiny_tokenizer().save_pretrained(broken)
+    _edit_qc(broken, lambda qc: qc.update(block_size={"default": "x"}))
+    for command, args in [("generate", ["--model", str(broken), "--prompt", "t1"]),
+                          ("export", ["--dense", str(broken), "--out", str(tmp_path / "o")])]:
+        assert cli.main([command, *args]) == 2
+        assert f"{broken / 'config.json'}: quantization_config.block_size.default = 'x'" in _one_error_line(capsys, command)
+    assert cli.main(["generate", "--model", str(saved_llama), "--prompt", "t1", "--device", "cuda"]) == 2
+    assert "--device cuda" in _one_error_line(capsys, "generate")

@@ -153,3 +153,30 @@ def test_runtime_imports_without_transformers():
                          timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "False torch.Size([1, 8])"
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64])
+def test_non_floating_inputs_are_refused_like_nn_linear(make_armor_weights, dtype):
+    layer, _ = _layer(make_armor_weights)
+    x = torch.ones(3, 64).to(dtype)
+    with pytest.raises(RuntimeError):
+        nn.Linear(64, 48)(x)  # what nn.Linear does
+    with pytest.raises(TypeError, match=rf"input dtype {dtype} is not floating point"):
+        layer(x)
+
+
+@pytest.mark.parametrize("layer_dtype,x_dtype", [
+    (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+    (torch.bfloat16, torch.float64), (torch.float32, torch.float16),
+])
+def test_mixed_dtypes_give_the_input_dtype_computed_from_the_stored_values(make_armor_weights, layer_dtype, x_dtype):
+    """The rule: y has x's dtype; the reference computes in fp32 (fp64 for fp64 x) from the layer's stored values."""
+    layer, _ = _layer(make_armor_weights, dtype=layer_dtype)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2)).to(x_dtype)
+    y = layer(x)
+    assert y.dtype == x_dtype
+    ct = torch.float64 if x_dtype == torch.float64 else torch.float32
+    w_hat = reference.materialize(layer.a, layer.values, layer.meta, layer.b).to(ct)  # of the stored values
+    expected = (x.to(ct) @ w_hat.T + layer.bias.to(ct)).to(x_dtype)  # one rounding, at the end
+    tol = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[x_dtype]
+    torch.testing.assert_close(y, expected, rtol=tol, atol=tol)

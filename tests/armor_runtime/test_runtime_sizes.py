@@ -46,3 +46,15 @@ def test_nowag_p_weights_keep_the_top_scaled_entries():
     expected = sparse24.topk_mask((weight / (weight.norm(dim=0) + 1e-5)).square())
     assert torch.equal(sparse24.dense_mask(w.meta, 24), expected)
     torch.testing.assert_close(w.core(), weight * expected, rtol=0, atol=0)
+
+
+def test_checkpoint_bytes_match_the_layer_formula(saved_llama):
+    from armor_runtime.sizes import checkpoint_bytes, weight_bytes
+
+    b = checkpoint_bytes(saved_llama)
+    assert b["layers"] == 14
+    assert b["implied"] == b["tensors"]  # nothing stored beyond what the block sizes imply
+    assert 0 < b["headers"] < 20_000 and b["files"] == weight_bytes(saved_llama) == b["tensors"] + b["headers"]
+    # fp32 tiny Llama: down_proj 64x96 with 16-wide blocks, every other projection 32-wide
+    assert b["wrappers"] == 4 * 2 * (16 * 64 + 16 * 96) + 4 * 2 * sum(32 * (o + i) for o, i in
+                                                                      [(64, 64), (32, 64), (32, 64), (64, 64), (96, 64), (96, 64)])

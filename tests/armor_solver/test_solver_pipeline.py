@@ -7,6 +7,7 @@ import torch
 
 from armor_solver import calibration, data, pipeline
 from armor_solver import methods as registry
+from armor_solver.outputs import OutputError
 from armor_solver.pipeline import PipelineError, PruneSettings, prune_model
 
 
@@ -74,7 +75,7 @@ def test_different_run_in_same_out_is_refused_before_work(tmp_path, monkeypatch,
 
 def test_foreign_out_dir_is_refused(tmp_path, solver_make_model):
     (tmp_path / "notes.txt").write_text("keep me")
-    with pytest.raises(PipelineError, match="already holds files"):
+    with pytest.raises(OutputError, match="already holds files"):
         prune_model(solver_make_model(), None, settings(), out_dir=str(tmp_path), calib_ids=calib_ids(), save=False)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
 
@@ -178,3 +179,83 @@ def test_saved_checkpoint_reloads_to_the_same_model(tmp_path, solver_make_model,
     assert solver["method"] == "sparsegpt" and solver["propagation"] == "sequential"
     assert solver["per_layer"]["model.layers.0.self_attn.q_proj"]["proxy_loss"] == pytest.approx(
         result.layers["model.layers.0.self_attn.q_proj"]["proxy_loss"])
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"extra": {"sweepz": 1}}, r"unknown option --sweepz \(did you mean --sweeps\?\)"),
+    ({"extra": {"solver": "bogus"}}, "choose one of exact, adam"),
+    ({"extra": {"sweeps": -5}}, "must be at least 0"),
+    ({"nsamples": 0}, "--nsamples 0: must be an integer of at least 1"),
+    ({"block_size": 2}, "--block-size 2: must be an integer of at least 4"),
+    ({"dtype": "float64"}, "--dtype 'float64': choose one of"),
+    ({"method": "armr"}, "unknown method 'armr'"),
+])
+def test_settings_are_checked_before_anything_is_written(tmp_path, monkeypatch, solver_make_model, kw, match):
+    monkeypatch.setattr(calibration, "find_targets", None)  # any work would crash
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        prune_model(solver_make_model(), None, settings(**({"method": "armor"} | kw)), out_dir=str(out),
+                    calib_ids=calib_ids())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_dtype_casts_what_is_stored_and_reports_its_loss(tmp_path, solver_make_model):
+    out = str(tmp_path / "out")
+    with pytest.raises(Interrupt):
+        prune_model(solver_make_model(), None, settings("armor", dtype="bfloat16", extra={"sweeps": 1}), out_dir=out,
+                    calib_ids=calib_ids(), save=False, on_block_done=_stop_after_block_0, log=lambda s: None)
+    partial = Path(out, pipeline.PARTIAL)
+    (partial / "block_0001.safetensors.tmp").write_bytes(b"half a block from a dead run")
+    result = prune_model(solver_make_model(), None, settings("armor", dtype="bfloat16", extra={"sweeps": 1}),
+                         out_dir=out, calib_ids=calib_ids(), save=False, log=lambda s: None)
+    assert not any(p.suffix == ".tmp" for p in partial.iterdir())
+    from safetensors.torch import load_file
+
+    stored = load_file(partial / "block_0000.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16, torch.uint8}
+    for name, w in result.weights.items():
+        assert w.dtype == torch.bfloat16
+        info = result.layers[name]
+        assert info["dtype"] == "bfloat16" and info["proxy_loss_deployed"] >= 0
+    assert result.mean_loss("proxy_loss_deployed") != result.mean_loss()  # the bf16 rounding is measured
+
+
+def test_wrappers_larger_than_the_core_are_warned_and_recorded(solver_make_model):
+    lines = []
+    big = prune_model(solver_make_model(), None, settings("armor", block_size=64, extra={"sweeps": 0}),
+                      calib_ids=calib_ids(), save=False, log=lines.append)
+    assert big.warnings and "layers get wrappers larger than their 2:4 core at --block-size 64" in big.warnings[0]
+    assert any(line.startswith("warning: ") for line in lines)
+    k_proj = big.layers["model.layers.0.self_attn.k_proj"]  # 32x64 with blocks 32/64: 2*(32*32+64*64) > 32*32*2+32*8
+    assert k_proj["wrappers_exceed_core"] == {"wrapper_bytes": 4 * (32 * 32 + 64 * 64), "core_bytes": 4 * 32 * 32 + 32 * 8}
+    small = prune_model(solver_make_model(), None, settings("armor", block_size=4, extra={"sweeps": 0}),
+                        calib_ids=calib_ids(), save=False, log=lambda s: None)
+    assert small.warnings == [] and not any("wrappers_exceed_core" in v for v in small.layers.values())
+    plain = prune_model(solver_make_model(), None, settings("nowag-p", block_size=64), calib_ids=calib_ids(),
+                        save=False, log=lambda s: None)
+    assert plain.warnings == []  # NoWag-P keeps identity wrappers of 1 and 4 whatever --block-size says
+
+
+def test_finished_run_is_not_redone(tmp_path, solver_make_model, solver_tokenizer, solver_text_file):
+    out = str(tmp_path / "ckpt")
+    prune_model(solver_make_model(), solver_tokenizer, settings(text=solver_text_file), out_dir=out, log=lambda s: None)
+    with pytest.raises(PipelineError, match="already holds the finished checkpoint of this run"):
+        prune_model(solver_make_model(), solver_tokenizer, settings(text=solver_text_file), out_dir=out)
+    with pytest.raises(OutputError, match="already holds files"):
+        prune_model(solver_make_model(), solver_tokenizer, settings(text=solver_text_file, nsamples=2), out_dir=out)
+
+
+@pytest.mark.parametrize("shape,bo,bi", [((48, 64), 16, 16), ((96, 32), 1, 4), ((20, 8), 4, 8)])
+def test_stored_loss_is_the_proxy_loss_of_the_stored_tensors(shape, bo, bi):
+    from armor_kernels import ArmorWeights, reference, sparse24
+    from armor_solver.methods.normalize import proxy_loss
+
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(*shape, generator=gen)
+    h = torch.rand(shape[1], generator=gen) + 0.1
+    mask = sparse24.topk_mask(w.abs())
+    a = torch.eye(bo) + 0.05 * torch.randn(shape[0] // bo, bo, bo, generator=gen)
+    b = torch.eye(bi) + 0.05 * torch.randn(shape[1] // bi, bi, bi, generator=gen)
+    packed = ArmorWeights.from_factors(a, w * mask, b, mask=mask, dtype=torch.bfloat16)
+    w_hat = reference.materialize(packed.a, packed.values, packed.meta, packed.b)
+    assert pipeline.stored_loss(w, packed, h) == pytest.approx(proxy_loss(w, w_hat, h), rel=1e-5)
