@@ -2,6 +2,7 @@
 
     python -m benchmarks.kernel_static            # full table -> benchmarks/results/kernel_static.{csv,md}
     python -m benchmarks.kernel_static --smoke    # a few configurations, both targets, prints only
+    python -m benchmarks.kernel_static --name kernel_static_triton3.6   # another Triton (its own venv)
 
 Every launch comes from the real launchers in ``armor_kernels.backends.triton``:
 ``decode_layer`` (1-16 tokens) and ``blockdiag`` (the wrappers at 2048 tokens) run on
@@ -373,6 +374,26 @@ def write(rows, csv_path, md_path):
     os.replace(tmp, md_path)
 
 
+def summary(rows) -> list[str]:
+    """The Llama-3-8B decode rows at 1 and 16 tokens (H200, bf16): the table README.md quotes."""
+    hdr = ["layer", "T", "launches", "2:4 kernel regs", "max spill B", "2:4 loop instr", "issue µs", "memory µs",
+           "predicted µs", "dense floor µs", "dense floor / predicted"]  # fmt: skip
+    out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for d_out, d_in in MODELS["llama3-8b"]:
+        for tok in (1, 16):
+            sel = [r for r in rows if r["gpu"] == "H200" and r["dtype"] == "bf16" and r["tokens"] == tok
+                   and (r["d_out"], r["d_in"]) == (d_out, d_in)]  # fmt: skip
+            layer = next((r for r in sel if r["launch"] == "all"), None)
+            core = next((r for r in sel if r.get("kernel") == "sparse24_small"), None)
+            if layer is None or core is None:
+                continue
+            vals = [f"{d_out}x{d_in}", tok, layer["launches"], core["regs"], layer["spill_bytes"], core["loop_instr"],
+                    layer["issue_us"], layer["mem_us"], layer["pred_us"], layer["dense_floor_us"],
+                    f"{_fmt(layer['speedup_vs_dense_floor'])}x"]  # fmt: skip
+            out.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
+    return out
+
+
 def markdown(rows) -> str:
     import triton
 
@@ -392,6 +413,7 @@ def markdown(rows) -> str:
     ]
     for name, ok, val in targets(rows):
         lines.append(f"| {name} | {'yes' if ok else 'no'} | {val} |")
+    lines += ["", "## Llama-3-8B decode (H200, bf16, b = 128)", ""] + summary(rows)
     lines += ["", "## Layers", ""]
     hdr = ["gpu", "dtype", "model", "d_out", "d_in", "tokens", "launches", "max regs", "max spill B", "issue µs",
            "memory µs", "predicted µs", "dense floor µs", "dense floor / predicted", "launch budget for 1.4x (µs/launch)"]  # fmt: skip
@@ -425,6 +447,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a few configurations on both targets; prints, writes nothing")
     ap.add_argument("--out-dir", default=RESULTS)
+    ap.add_argument("--name", default="kernel_static", help="file stem of the CSV and markdown written")
     ap.add_argument("--gpus", default="H200,A100")
     args = ap.parse_args(argv)
     gpus = args.gpus.split(",")
@@ -437,7 +460,7 @@ def main(argv=None) -> int:
                       f"dense floor {r['dense_floor_us']:.2f} µs, max spill {r['spill_bytes']} B")  # fmt: skip
         return 0
     rows = run(MODELS, DECODE_TOKENS, WRAPPER_TOKENS, list(DTYPES), gpus)
-    write(rows, os.path.join(args.out_dir, "kernel_static.csv"), os.path.join(args.out_dir, "kernel_static.md"))
+    write(rows, os.path.join(args.out_dir, f"{args.name}.csv"), os.path.join(args.out_dir, f"{args.name}.md"))
     for name, ok, val in targets(rows):
         print(f"{'MET ' if ok else 'MISS'} {name}: {val}")
     return 0
