@@ -449,8 +449,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", default=RESULTS)
     ap.add_argument("--name", default="kernel_static", help="file stem of the CSV and markdown written")
     ap.add_argument("--gpus", default="H200,A100")
+    ap.add_argument("--models", default=",".join(MODELS), help="subset of the models (prints, writes nothing)")
+    ap.add_argument("--tokens", default=None, help="subset of the token counts (prints, writes nothing)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
     args = ap.parse_args(argv)
     gpus = args.gpus.split(",")
+    subset = args.models != ",".join(MODELS) or args.tokens is not None or args.dtypes != ",".join(DTYPES)
+    if subset and not args.smoke:
+        models = {m: MODELS[m] for m in args.models.split(",")}
+        tokens = tuple(int(t) for t in (args.tokens or "1,2,4,8,16").split(","))
+        rows = run(models, tokens, (), args.dtypes.split(","), gpus, progress=False)
+        print("\n".join(summary(rows)))
+        for name, ok, val in targets(rows):
+            print(f"{'MET ' if ok else 'MISS'} {name}: {val}")
+        return 0
     if args.smoke:
         rows = run(SMOKE["models"], SMOKE["tokens"], SMOKE["wrapper_tokens"], SMOKE["dtypes"], gpus, progress=False)
         for r in rows:

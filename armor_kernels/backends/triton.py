@@ -208,6 +208,29 @@ def fusable(a: torch.Tensor | None) -> bool:
 
 _sp_plans: dict = {}
 
+# Per-program fixed work (index set-up, partial store, counter, and the epilogue of the last
+# program) in main-loop passes: ~830-940 instructions against 320-460 per pass in the sm_90a
+# code (benchmarks/results/kernel_static.md).
+PROGRAM_COST_STEPS = 3
+
+
+def _best_split(tiles: int, n_steps: int, sms: int) -> int:
+    """Split of the input groups that minimises the busiest SM's work, counted in loop passes.
+
+    Cost: programs on the busiest SM x (passes per program + fixed work), scaled by
+    ``sms / busy SMs`` so that leaving SMs idle (their share of the memory bandwidth) costs
+    too. A split whose programs overflow the SMs by a few (288 programs on 132 SMs: 3
+    rounds instead of 2) loses to the next smaller one.
+    """
+    best, best_cost = 1, None
+    for split in range(1, n_steps + 1):
+        programs = tiles * split
+        steps = -(-n_steps // split)
+        cost = -(-programs // sms) * (steps + PROGRAM_COST_STEPS) * sms / min(programs, sms)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = split, cost
+    return best
+
 
 def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, split_k=None) -> dict:
     """Tile sizes, split and grid of ``sparse24_small`` for one shape (cached: no work on the hot path)."""
@@ -234,12 +257,13 @@ def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, spl
     m_tiles = _cdiv(m, bm)
     n_steps = _cdiv(n_vals, step)
     if split_k is None:
-        # fill the GPU twice over (2 programs per SM), keeping >= 2 steps per split
-        split_k = 1 if interp else max(1, min(_cdiv(2 * sms, n_tiles * m_tiles), n_steps // 2))
+        split_k = 1 if interp else _best_split(n_tiles * m_tiles, n_steps, sms)
     vals_per_split = _cdiv(n_steps, max(1, split_k)) * step
     split_k = _cdiv(n_vals, vals_per_split)
     dot = _dot_dtype(w_dtype)
     chunks = bo * nt  # 8-value chunks per step
+    # every row tile, step and token tile full: the main loop runs without masks
+    even = rows == bo and d_out % rows == 0 and n_vals % step == 0 and vals_per_split % step == 0 and m % bm == 0
     plan = _sp_plans[key] = {
         "grid": (n_tiles, split_k, m_tiles),
         "rows": rows,
@@ -249,7 +273,8 @@ def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, spl
         "meta": {
             "BLOCK_M": bm, "BLOCK_O": bo, "NT": nt, "SPLIT_K": split_k, "USE_DOT": use_dot, "DOT_DTYPE": dot,
             "X_SPLIT": use_dot and x_dtype == torch.float32 and dot != tl.float32,
-            "Z_SPLIT": dot != tl.float32, "EPI_M": max(16, bm),
+            "Z_SPLIT": dot != tl.float32, "EPI_M": max(16, bm), "EVEN": even,
+            "PAIRS": w_dtype == torch.bfloat16,
             "num_warps": 8 if chunks >= 512 else 4, "num_stages": 1,
         },
     }  # fmt: skip
@@ -298,7 +323,7 @@ def sparse24_small(
     mt, split, bm, n_tiles = plan["ws_shape"]
     ws, cnt = _workspace(x.device, mt, split, bm, d_out, n_tiles)
     a_t = values if a is None else (a if a.is_contiguous() else a.contiguous())
-    pairs = values.view(torch.int32) if plan["meta"]["USE_DOT"] else values
+    pairs = values.view(torch.int32) if plan["meta"]["USE_DOT"] or plan["meta"]["PAIRS"] else values
     _launch(
         sparse24_small_kernel, plan["grid"],
         (x2, values, pairs, meta, a_t, bias if bias is not None else values, y, ws, cnt,

@@ -45,9 +45,12 @@ def _bit_as_float(word, bit):
 
 
 @triton.jit
-def _token_fma(acc, x_row, xcols, x_ok, v0, v1, f00, f01, f10, f11, NT: tl.constexpr):
+def _token_fma(acc, x_row, xcols, x_ok, v0, v1, f00, f01, f10, f11, NT: tl.constexpr, EVEN: tl.constexpr):
     """acc += v0·x[4g+i0] + v1·x[4g+i1] for one token; x_row points at the token's row."""
-    xv = tl.load(x_row + xcols, mask=x_ok, other=0.0).to(tl.float32)  # [NT, 16]
+    if EVEN:
+        xv = tl.load(x_row + xcols).to(tl.float32)  # [NT, 16]
+    else:
+        xv = tl.load(x_row + xcols, mask=x_ok, other=0.0).to(tl.float32)
     xa, xb = tl.split(tl.reshape(xv, (NT, 4, 2, 2)))
     x0, x2 = tl.split(xa)
     x1, x3 = tl.split(xb)
@@ -110,6 +113,8 @@ def sparse24_small_kernel(
     X_SPLIT: tl.constexpr,
     Z_SPLIT: tl.constexpr,
     EPI_M: tl.constexpr,
+    EVEN: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     pid_o = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -171,8 +176,15 @@ def sparse24_small_kernel(
         tl.store(ws_base + mm[None, :] * D_OUT + rows[:, None], acc, mask=row_ok[:, None])
     else:
         # ---- CUDA cores: per-value column selection by arithmetic, up to 4 tokens
-        v_rows = vals_ptr + rows.to(tl.int64)[:, None, None] * stride_vo
-        e8 = tl.arange(0, 8)
+        # values and metadata are loaded as 2-D tiles (contiguous along the row, so every Triton
+        # version puts the lanes along the row), then viewed as [BLOCK_O, NT, 8] / [BLOCK_O, NT, 2]
+        kv = tl.arange(0, NT * 8)
+        kb = tl.arange(0, NT * 2)
+        kp = tl.arange(0, NT * 4)
+        v_rows = vals_ptr + rows.to(tl.int64)[:, None] * stride_vo
+        p_rows2 = pairs_ptr + rows.to(tl.int64)[:, None] * (stride_vo // 2)
+        m_rows2 = meta_ptr + rows.to(tl.int64)[:, None] * stride_mo
+        rok2 = row_ok[:, None]
         xk = (t[:, None] * 16 + c16[None, :]) * stride_xk  # [NT, 16] column offsets inside a chunk
         x0_row = x_ptr + m0.to(tl.int64) * stride_xm
         acc0 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
@@ -180,30 +192,45 @@ def sparse24_small_kernel(
         acc2 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
         for k0 in range(v_lo, v_hi, NT * 8):
-            voff = k0 + t[:, None] * 8 + e8[None, :]  # [NT, 8]
-            v = tl.load(v_rows + voff[None, :, :], mask=rok3 & (voff < v_hi)[None, :, :], other=0.0)
-            v0, v1 = tl.split(tl.reshape(v.to(tl.float32), (BLOCK_O, NT, 4, 2)))
-            # bytes past the split's end are harmless (their values load as 0); only the row end is masked
-            mbyte = k0 // 4 + 2 * t[:, None] + b2[None, :]  # [NT, 2]
-            mb = tl.load(m_rows + mbyte[None, :, :], mask=rok3 & (mbyte < N_META)[None, :, :], other=0)
+            voff = k0 + kv
+            poff = k0 // 2 + kp
+            # 2 metadata bytes per thread: the same 8 lanes along the row as the 16-byte value loads
+            moff = tl.max_contiguous(k0 // 4 + kb, 2)
+            if EVEN:
+                mb = tl.load(m_rows2 + moff[None, :])
+            else:
+                # bytes past the split's end are harmless (their values load as 0); only the row end is masked
+                mb = tl.load(m_rows2 + moff[None, :], mask=rok2 & (moff < N_META)[None, :], other=0)
+            if PAIRS:
+                # bf16: a value pair is one 32-bit word, and bf16 -> fp32 is a shift (low) or a mask (high)
+                if EVEN:
+                    pr = tl.load(p_rows2 + poff[None, :])
+                else:
+                    pr = tl.load(p_rows2 + poff[None, :], mask=rok2 & (poff < v_hi // 2)[None, :], other=0)
+                pr = tl.reshape(pr, (BLOCK_O, NT, 4))
+                v0 = (pr << 16).to(tl.float32, bitcast=True)
+                v1 = (pr & -65536).to(tl.float32, bitcast=True)
+            else:
+                if EVEN:
+                    v = tl.load(v_rows + voff[None, :])
+                else:
+                    v = tl.load(v_rows + voff[None, :], mask=rok2 & (voff < v_hi)[None, :], other=0.0)
+                v0, v1 = tl.split(tl.reshape(v.to(tl.float32), (BLOCK_O, NT, 4, 2)))
+            mb = tl.reshape(mb, (BLOCK_O, NT, 2))
             word = tl.sum(mb.to(tl.int32) << (8 * b2)[None, None, :], axis=2)[:, :, None]
             f00 = _bit_as_float(word, bit00)
             f01 = _bit_as_float(word, bit01)
             f10 = _bit_as_float(word, bit10)
             f11 = _bit_as_float(word, bit11)
             xcols = 2 * k0 * stride_xk + xk
-            x_ok = (2 * k0 + t[:, None] * 16 + c16[None, :]) < 2 * v_hi
+            x_ok = (2 * k0 + t[:, None] * 16 + c16[None, :]) < 2 * v_hi  # unused (removed) when EVEN
             tz = m0 + 0 * t[:, None]  # token index as a tensor (a scalar compare is not a mask)
-            acc0 = _token_fma(acc0, x0_row, xcols, x_ok & (tz < M), v0, v1, f00, f01, f10, f11, NT)
+            acc0 = _token_fma(acc0, x0_row, xcols, x_ok & (tz < M), v0, v1, f00, f01, f10, f11, NT, EVEN)
             if BLOCK_M > 1:
-                acc1 = _token_fma(acc1, x0_row + stride_xm, xcols, x_ok & (tz + 1 < M), v0, v1, f00, f01, f10, f11, NT)
+                acc1 = _token_fma(acc1, x0_row + stride_xm, xcols, x_ok & (tz + 1 < M), v0, v1, f00, f01, f10, f11, NT, EVEN)
             if BLOCK_M > 2:
-                acc2 = _token_fma(
-                    acc2, x0_row + 2 * stride_xm, xcols, x_ok & (tz + 2 < M), v0, v1, f00, f01, f10, f11, NT
-                )
-                acc3 = _token_fma(
-                    acc3, x0_row + 3 * stride_xm, xcols, x_ok & (tz + 3 < M), v0, v1, f00, f01, f10, f11, NT
-                )
+                acc2 = _token_fma(acc2, x0_row + 2 * stride_xm, xcols, x_ok & (tz + 2 < M), v0, v1, f00, f01, f10, f11, NT, EVEN)
+                acc3 = _token_fma(acc3, x0_row + 3 * stride_xm, xcols, x_ok & (tz + 3 < M), v0, v1, f00, f01, f10, f11, NT, EVEN)
         _store_partial(ws_base, rows, row_ok, acc0)
         if BLOCK_M > 1:
             _store_partial(ws_base + D_OUT, rows, row_ok, acc1)

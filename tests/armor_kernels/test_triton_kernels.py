@@ -195,6 +195,27 @@ def test_sparse24_16bit_every_output_block_odd_groups(b_out, use_dot):
     assert_matches(got, exact, same, torch.bfloat16, f"b_out={b_out} use_dot={use_dot} tokens={tokens}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,split,fuse", [(1, 1, True), (2, 2, True), (4, 2, False), (3, 2, True), (1, 2, False)])
+def test_sparse24_even_tiles_unmasked_loop(dtype, tokens, split, fuse):
+    # d_out = 128 rows in whole tiles, d_in = 256 (two full 64-value steps): the CUDA-core loop runs
+    # without masks (EVEN) unless the token tile is partial (3 tokens in a 4-token program)
+    d_out = 128 if fuse else 32
+    w = rand_weights(d_out, 256, 32, 4, dtype=dtype, bias=tokens != 2)
+    x = torch.randn(tokens, 256, device=DEVICE)
+    a = w.a if fuse else None
+    plan = tb._sparse_plan(tokens, d_out, 256, 32 if fuse else None, dtype, x.dtype, tb._sm_count(x.device), False, split)
+    assert plan["meta"]["EVEN"] == (tokens != 3) and plan["grid"][1] == split
+    assert plan["meta"]["PAIRS"] == (dtype == torch.bfloat16)
+    got, big = poisoned_view(tokens, d_out, dtype)
+    tb.sparse24_small(x, w.values, w.meta, a=a, bias=w.bias, out=got, use_dot=False, split_k=split)
+    assert_margins_untouched(big, tokens, d_out)
+    bias64 = None if w.bias is None else w.bias.double()
+    z = reference.sparse24_matmul(x.double(), w.values.double(), w.meta, None if fuse else bias64)
+    exact = reference.blockdiag_matmul(z, w.a.double(), bias64) if fuse else z
+    assert_matches(got, exact, sparse_same_dtype(x.to(dtype), w, a, w.bias), dtype, f"{dtype} T={tokens}")
+
+
 def test_sparse24_plan_is_cached_and_uses_no_triton_helpers(monkeypatch):
     # the hot path: a repeated shape computes no tile sizes or grids and calls no triton.cdiv
     w = rand_weights(32, 48, 16, 4)
