@@ -262,8 +262,9 @@ def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, spl
     split_k = _cdiv(n_vals, vals_per_split)
     dot = _dot_dtype(w_dtype)
     chunks = bo * nt  # 8-value chunks per step
-    # every row tile, step and token tile full: the main loop runs without masks
-    even = rows == bo and d_out % rows == 0 and n_vals % step == 0 and vals_per_split % step == 0 and m % bm == 0
+    # every row tile and step full (and, on CUDA cores, every token tile): the main loop runs without masks
+    even = rows == bo and d_out % rows == 0 and n_vals % step == 0 and vals_per_split % step == 0
+    even = even and (use_dot or m % bm == 0)
     plan = _sp_plans[key] = {
         "grid": (n_tiles, split_k, m_tiles),
         "rows": rows,

@@ -45,6 +45,22 @@ def _bit_as_float(word, bit):
 
 
 @triton.jit
+def _dense_group(pr, word, bit00, bit01, bit10, bit11):
+    """Columns 0-1 (lo) and 2-3 (hi) of a group as 32-bit pairs of 16-bit weights, from its value pair.
+
+    Bits of the nibble: b00/b01 of i0 (0..2), b10/b11 of i1 (1..3). lo = [v0, v1] when (0, 1),
+    [v0, 0] when i0 = 0 < i1 - 1, [0, v0] when i0 = 1, 0 when i0 = 2; hi likewise from i1.
+    """
+    b00 = (word & bit00) != 0
+    b01 = (word & bit01) != 0
+    b10 = (word & bit10) != 0
+    b11 = (word & bit11) != 0
+    lo = tl.where(b00, pr << 16, tl.where(b01, 0, tl.where(b11, pr & 0xFFFF, pr)))
+    hi = tl.where(b01, pr, tl.where(b11, tl.where(b10, pr & -65536, (pr >> 16) & 0xFFFF), 0))
+    return lo, hi
+
+
+@triton.jit
 def _token_fma(acc, x_row, xcols, x_ok, v0, v1, f00, f01, f10, f11, NT: tl.constexpr, EVEN: tl.constexpr):
     """acc += v0·x[4g+i0] + v1·x[4g+i1] for one token; x_row points at the token's row."""
     if EVEN:
@@ -143,29 +159,35 @@ def sparse24_small_kernel(
     ws_base = ws_ptr + (pid_m * SPLIT_K + pid_k).to(tl.int64) * BLOCK_M * D_OUT
     if USE_DOT:
         # ---- tensor cores: dense 16-bit tile from 32-bit value pairs
-        # pairs_ptr: the same values viewed as int32, one word per group
-        p_rows = pairs_ptr + rows.to(tl.int64)[:, None, None] * (stride_vo // 2)
+        # pairs_ptr: the same values viewed as int32, one word per group; 2-D loads as in the CUDA-core loop
+        kp = tl.arange(0, NT * 4)
+        kb = tl.arange(0, NT * 2)
+        p_rows2 = pairs_ptr + rows.to(tl.int64)[:, None] * (stride_vo // 2)
+        m_rows2 = meta_ptr + rows.to(tl.int64)[:, None] * stride_mo
+        rok2 = row_ok[:, None]
         kk = tl.arange(0, NT * 16)
         mm = tl.arange(0, BLOCK_M)
         x_tok = x_ptr + (m0 + mm).to(tl.int64)[None, :] * stride_xm
         x_tok_ok = (m0 + mm < M)[None, :]
         acc = tl.zeros((BLOCK_O, BLOCK_M), dtype=tl.float32)
         for k0 in range(v_lo, v_hi, NT * 8):
-            g = k0 // 2 + t[:, None] * 4 + q[None, :]  # group index [NT, 4]
-            pr = tl.load(p_rows + g[None, :, :], mask=rok3 & (g < v_hi // 2)[None, :, :], other=0)
-            mbyte = k0 // 4 + 2 * t[:, None] + b2[None, :]  # [NT, 2]
-            mb = tl.load(m_rows + mbyte[None, :, :], mask=rok3 & (mbyte < N_META)[None, :, :], other=0)
+            poff = k0 // 2 + kp
+            moff = tl.max_contiguous(k0 // 4 + kb, 2)
+            cols = 2 * k0 + kk
+            if EVEN:
+                pr = tl.load(p_rows2 + poff[None, :])
+                mb = tl.load(m_rows2 + moff[None, :])
+                xt = tl.load(x_tok + cols[:, None] * stride_xk, mask=x_tok_ok, other=0.0)
+            else:
+                pr = tl.load(p_rows2 + poff[None, :], mask=rok2 & (poff < v_hi // 2)[None, :], other=0)
+                mb = tl.load(m_rows2 + moff[None, :], mask=rok2 & (moff < N_META)[None, :], other=0)
+                xt = tl.load(x_tok + cols[:, None] * stride_xk, mask=x_tok_ok & (cols < 2 * v_hi)[:, None], other=0.0)
+            pr = tl.reshape(pr, (BLOCK_O, NT, 4))
+            mb = tl.reshape(mb, (BLOCK_O, NT, 2))
             word = tl.sum(mb.to(tl.int32) << (8 * b2)[None, None, :], axis=2)[:, :, None]
-            nib = (word >> sh[None, None, :]) & 15
-            i0 = nib & 3
-            i1 = nib >> 2
-            # columns 0-1 and 2-3 of the group as 32-bit pairs of 16-bit weights
-            lo = tl.where(i0 == 0, tl.where(i1 == 1, pr, pr & 0xFFFF), tl.where(i0 == 1, pr << 16, 0))
-            hi = tl.where(i1 == 3, tl.where(i0 == 2, pr, pr & -65536), tl.where(i1 == 2, (pr >> 16) & 0xFFFF, 0))
+            lo, hi = _dense_group(pr, word, bit00, bit01, bit10, bit11)
             w = tl.join(tl.join(lo.to(tl.int16), hi.to(tl.int16)), tl.join((lo >> 16).to(tl.int16), (hi >> 16).to(tl.int16)))
             w = tl.reshape(w, (BLOCK_O, NT * 16)).to(vals_ptr.dtype.element_ty, bitcast=True).to(DOT_DTYPE)
-            cols = 2 * k0 + kk
-            xt = tl.load(x_tok + cols[:, None] * stride_xk, mask=x_tok_ok & (cols < 2 * v_hi)[:, None], other=0.0)
             if X_SPLIT:
                 xt = xt.to(tl.float32)
                 x_hi = xt.to(DOT_DTYPE)

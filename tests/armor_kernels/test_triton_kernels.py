@@ -195,20 +195,23 @@ def test_sparse24_16bit_every_output_block_odd_groups(b_out, use_dot):
     assert_matches(got, exact, same, torch.bfloat16, f"b_out={b_out} use_dot={use_dot} tokens={tokens}")
 
 
+@pytest.mark.parametrize("use_dot", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,split,fuse", [(1, 1, True), (2, 2, True), (4, 2, False), (3, 2, True), (1, 2, False)])
-def test_sparse24_even_tiles_unmasked_loop(dtype, tokens, split, fuse):
-    # d_out = 128 rows in whole tiles, d_in = 256 (two full 64-value steps): the CUDA-core loop runs
-    # without masks (EVEN) unless the token tile is partial (3 tokens in a 4-token program)
+@pytest.mark.parametrize("tokens,split,fuse", [(1, 1, True), (2, 2, True), (4, 2, False), (3, 2, True), (17, 2, False)])
+def test_sparse24_even_tiles_unmasked_loop(dtype, tokens, split, fuse, use_dot):
+    # d_out = 128 rows in whole tiles, d_in = 256 (two full 64-value steps): both main loops run without
+    # masks (EVEN), except the CUDA-core loop when its token tile is partial (3 of 4 tokens, 17 = 4 x 4 + 1)
     d_out = 128 if fuse else 32
     w = rand_weights(d_out, 256, 32, 4, dtype=dtype, bias=tokens != 2)
     x = torch.randn(tokens, 256, device=DEVICE)
     a = w.a if fuse else None
-    plan = tb._sparse_plan(tokens, d_out, 256, 32 if fuse else None, dtype, x.dtype, tb._sm_count(x.device), False, split)
-    assert plan["meta"]["EVEN"] == (tokens != 3) and plan["grid"][1] == split
+    dot = use_dot and dtype != torch.float32
+    plan = tb._sparse_plan(tokens, d_out, 256, 32 if fuse else None, dtype, x.dtype, 4, use_dot, split)
+    assert plan["meta"]["USE_DOT"] == dot and plan["grid"][1] == split
+    assert plan["meta"]["EVEN"] == (dot or tokens not in (3, 17))
     assert plan["meta"]["PAIRS"] == (dtype == torch.bfloat16)
     got, big = poisoned_view(tokens, d_out, dtype)
-    tb.sparse24_small(x, w.values, w.meta, a=a, bias=w.bias, out=got, use_dot=False, split_k=split)
+    tb.sparse24_small(x, w.values, w.meta, a=a, bias=w.bias, out=got, use_dot=use_dot, split_k=split)
     assert_margins_untouched(big, tokens, d_out)
     bias64 = None if w.bias is None else w.bias.double()
     z = reference.sparse24_matmul(x.double(), w.values.double(), w.meta, None if fuse else bias64)
