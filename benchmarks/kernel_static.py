@@ -96,11 +96,11 @@ class Launch:
 
     def tensor_bytes(self) -> int:
         """Bytes of every distinct tensor argument except the split-K workspace and counters
-        (L2-resident) and ``pairs_ptr`` (the values again, viewed as int32)."""
+        (L2-resident)."""
         names = self.kernel.arg_names
         seen, total = set(), 0
         for n, a in zip(names, self.args):
-            if isinstance(a, torch.Tensor) and n not in ("ws_ptr", "cnt_ptr", "pairs_ptr") and id(a) not in seen:
+            if isinstance(a, torch.Tensor) and n not in ("ws_ptr", "cnt_ptr") and id(a) not in seen:
                 seen.add(id(a))
                 total += a.numel() * a.element_size()
         return total
@@ -253,6 +253,7 @@ def analyse(launch: Launch, gpu: ss.GPU) -> dict:
         "loop_bar": loop.get("bar", 0),
         "loop_fma": loop.get("fma", 0),
         "loop_ffma": loop.get("ffma", 0),
+        "loop_imad": loop.get("imad", 0),
         "loop_mma": loop.get("mma", 0),
         "loop_alu": loop.get("alu", 0),
         "loop_cvt": loop.get("cvt", 0),
@@ -322,7 +323,7 @@ COLUMNS = [
     "gpu", "arch", "triton", "model", "d_out", "d_in", "b_out", "b_in", "dtype", "tokens", "path", "launch", "kernel",
     "grid", "programs", "num_warps", "config", "regs", "spill_bytes", "shared_bytes", "blocks_per_sm", "steps",
     "loop_instr", "loop_ldg128", "loop_ldg64", "loop_ldg32", "loop_ldg16", "loop_ldg8", "loop_lds", "loop_sts",
-    "loop_shfl", "loop_bar", "loop_fma", "loop_ffma", "loop_mma", "loop_alu", "loop_cvt", "loop_local", "bytes",
+    "loop_shfl", "loop_bar", "loop_fma", "loop_ffma", "loop_imad", "loop_mma", "loop_alu", "loop_cvt", "loop_local", "bytes",
     "issue_us", "mem_us", "inflight", "pred_us", "launches", "dense_floor_us", "speedup_vs_dense_floor",
     "launch_budget_1p4x_us",
 ]  # fmt: skip
@@ -427,7 +428,7 @@ def markdown(rows) -> str:
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
     lines += ["", "## Kernels (one row per launch)", ""]
     hdr = ["gpu", "dtype", "d_out x d_in", "T", "kernel", "config", "grid", "warps", "regs", "spill B", "smem B",
-           "blocks/SM", "steps", "loop instr", "LDG.128/64/32/16/8", "LDS/STS", "SHFL", "BAR", "FMA-pipe (FFMA)",
+           "blocks/SM", "steps", "loop instr", "LDG.128/64/32/16/8", "LDS/STS", "SHFL", "BAR", "FMA-pipe (FFMA/IMAD)",
            "MMA", "ALU", "issue µs", "memory µs", "in-flight x", "predicted µs"]  # fmt: skip
     lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
@@ -437,7 +438,7 @@ def markdown(rows) -> str:
         vals = [r["gpu"], r["dtype"], f"{r['d_out']}x{r['d_in']}", r["tokens"], r["kernel"], r["config"], r["grid"],
                 r["num_warps"], r["regs"], r["spill_bytes"], r["shared_bytes"], r["blocks_per_sm"], r["steps"],
                 r["loop_instr"], ldg, f"{r['loop_lds']}/{r['loop_sts']}", r["loop_shfl"], r["loop_bar"],
-                f"{r['loop_fma']} ({r['loop_ffma']})", r["loop_mma"], r["loop_alu"], r["issue_us"], r["mem_us"],
+                f"{r['loop_fma']} ({r['loop_ffma']}/{r['loop_imad']})", r["loop_mma"], r["loop_alu"], r["issue_us"], r["mem_us"],
                 r["inflight"], r["pred_us"]]  # fmt: skip
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"

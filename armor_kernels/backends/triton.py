@@ -143,8 +143,8 @@ def _blockdiag_config(m: int, bs: int) -> dict:
 _bd_plans: dict = {}
 
 
-def _blockdiag_plan(m: int, n: int, bs: int, x_dtype, w_dtype) -> tuple:
-    key = (m, n, bs, x_dtype, w_dtype)
+def _blockdiag_plan(m: int, n: int, bs: int, x_dtype, w_dtype, has_bias: bool = False) -> tuple:
+    key = (m, n, bs, x_dtype, w_dtype, has_bias)
     plan = _bd_plans.get(key)
     if plan is None:
         cfg = _blockdiag_config(m, bs)
@@ -152,7 +152,7 @@ def _blockdiag_plan(m: int, n: int, bs: int, x_dtype, w_dtype) -> tuple:
         dot = _dot_dtype(w_dtype)
         x_split = use_dot and x_dtype == torch.float32 and dot != tl.float32
         grid = (_cdiv(m, cfg["BLOCK_M"]), n, _cdiv(bs, cfg["BLOCK_N"]))
-        plan = _bd_plans[key] = (grid, dict(cfg, USE_DOT=use_dot, DOT_DTYPE=dot, X_SPLIT=x_split))
+        plan = _bd_plans[key] = (grid, dict(cfg, USE_DOT=use_dot, DOT_DTYPE=dot, X_SPLIT=x_split, HAS_BIAS=has_bias))
     return plan
 
 
@@ -169,12 +169,8 @@ def blockdiag(x, blocks, bias=None, out=None, out_dtype=None) -> torch.Tensor:
     if m == 0:
         return y if out is not None else y.reshape(*x.shape[:-1], n * bs)
     w = blocks if blocks.is_contiguous() else blocks.contiguous()
-    grid, kw = _blockdiag_plan(m, n, bs, x.dtype, blocks.dtype)
-    _launch(
-        blockdiag_kernel, grid,
-        (x2, w, bias if bias is not None else w, y, m, bs, *x2.stride(), *y.stride()),
-        dict(kw, HAS_BIAS=bias is not None),
-    )  # fmt: skip
+    grid, kw = _blockdiag_plan(m, n, bs, x.dtype, blocks.dtype, bias is not None)
+    _launch(blockdiag_kernel, grid, (x2, w, bias if bias is not None else w, y, m, bs, *x2.stride(), *y.stride()), kw)
     return y if out is not None else y.reshape(*x.shape[:-1], n * bs)
 
 
@@ -232,9 +228,12 @@ def _best_split(tiles: int, n_steps: int, sms: int) -> int:
     return best
 
 
-def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, split_k=None) -> dict:
-    """Tile sizes, split and grid of ``sparse24_small`` for one shape (cached: no work on the hot path)."""
-    key = (m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot, split_k)
+def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, split_k=None, has_bias=False) -> dict:
+    """Tile sizes, split and grid of ``sparse24_small`` for one shape (cached: no work on the hot path).
+
+    ``b_out``: A's block when it is fused into the epilogue, else None.
+    """
+    key = (m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot, split_k, has_bias)
     plan = _sp_plans.get(key)
     if plan is not None:
         return plan
@@ -268,6 +267,7 @@ def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, spl
     plan = _sp_plans[key] = {
         "grid": (n_tiles, split_k, m_tiles),
         "rows": rows,
+        "b_out": b_out or 1,
         "vals_per_split": vals_per_split,
         "steps_per_program": _cdiv(vals_per_split, step),
         "ws_shape": (m_tiles, split_k, bm, n_tiles),
@@ -275,7 +275,7 @@ def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, spl
             "BLOCK_M": bm, "BLOCK_O": bo, "NT": nt, "SPLIT_K": split_k, "USE_DOT": use_dot, "DOT_DTYPE": dot,
             "X_SPLIT": use_dot and x_dtype == torch.float32 and dot != tl.float32,
             "Z_SPLIT": dot != tl.float32, "EPI_M": max(16, bm), "EVEN": even,
-            "PAIRS": w_dtype == torch.bfloat16,
+            "PAIRS": w_dtype != torch.float32, "FUSE_A": b_out is not None, "HAS_BIAS": has_bias,
             "num_warps": 8 if chunks >= 512 else 4, "num_stages": 1,
         },
     }  # fmt: skip
@@ -315,24 +315,29 @@ def sparse24_small(
     if m == 0:
         return y if out is not None else y.reshape(*x.shape[:-1], d_out)
 
-    # rows contiguous, even row stride (the tensor-core path reads value pairs as 32-bit words)
+    # rows contiguous, even row stride (the kernel reads value pairs as 32-bit words)
     if values.stride(-1) != 1 or values.stride(0) % 2:
         values = values.contiguous()
     if meta.stride(-1) != 1:
         meta = meta.contiguous()
-    plan = _sparse_plan(m, d_out, d_in, b_out, values.dtype, x.dtype, _sm_count(x.device), use_dot, split_k)
-    mt, split, bm, n_tiles = plan["ws_shape"]
-    ws, cnt = _workspace(x.device, mt, split, bm, d_out, n_tiles)
+    sms = _sm_count(x.device)
+    plan = _sparse_plan(m, d_out, d_in, b_out, values.dtype, x.dtype, sms, use_dot, split_k, bias is not None)
+    ws, cnt = _workspace(x.device, *plan["ws_shape"][:3], d_out, plan["ws_shape"][3])
     a_t = values if a is None else (a if a.is_contiguous() else a.contiguous())
-    pairs = values.view(torch.int32) if plan["meta"]["USE_DOT"] or plan["meta"]["PAIRS"] else values
-    _launch(
-        sparse24_small_kernel, plan["grid"],
-        (x2, values, pairs, meta, a_t, bias if bias is not None else values, y, ws, cnt,
-         m, d_out, half, meta.shape[1], plan["rows"], b_out or 1, plan["vals_per_split"],
-         *x2.stride(), values.stride(0), meta.stride(0), *y.stride()),
-        dict(plan["meta"], FUSE_A=a is not None, HAS_BIAS=bias is not None),
-    )  # fmt: skip
+    _launch(sparse24_small_kernel, plan["grid"], _sparse_args(plan, x2, values, meta, a_t, bias, y, ws, cnt), plan["meta"])
     return y if out is not None else y.reshape(*x.shape[:-1], d_out)
+
+
+def _sparse_args(plan, x2, values, meta, a_t, bias, y, ws, cnt) -> tuple:
+    d_out, half = values.shape
+    return (
+        x2, values, meta, a_t, bias if bias is not None else values, y, ws, cnt,
+        x2.shape[0], d_out, half, meta.shape[1], plan["rows"], plan["b_out"], plan["vals_per_split"],
+        *x2.stride(), values.stride(0), meta.stride(0), *y.stride(),
+    )  # fmt: skip
+
+
+_dl_plans: dict = {}
 
 
 def decode_layer(x, a, values, meta, b, bias=None, out=None) -> torch.Tensor:
@@ -342,7 +347,50 @@ def decode_layer(x, a, values, meta, b, bias=None, out=None) -> torch.Tensor:
     The intermediates stay fp32, like the reference; they are the only
     allocations besides the output (``T·d_in·4`` bytes: 16 KB for 1 token of 4096).
     ``out``: optional ``[tokens, d_out]`` destination (any strides).
+
+    Hot path: the first call for a combination of shapes, dtypes and layouts checks
+    everything and plans both launches through ``blockdiag`` and ``sparse24_small``; later
+    calls with the same key only allocate ``h`` and ``y`` and launch (measured by
+    ``python -m benchmarks.host_overhead``).
     """
+    key = (
+        x.shape, x.dtype, x.device, a.shape, a.dtype, values.shape, values.dtype, values.stride(), meta.shape,
+        meta.dtype, meta.stride(), b.shape, b.dtype, bias is not None, None if out is None else out.shape,
+        a.is_contiguous(), b.is_contiguous(),
+    )  # fmt: skip
+    p = _dl_plans.get(key)
+    if p is None:
+        y = _decode_layer_checked(x, a, values, meta, b, bias, out)
+        _dl_plans[key] = _decode_fast_plan(x, a, values, meta, b, bias)
+        return y
+    if p is False:  # layouts that need copies, or A outside the epilogue: the checked path every time
+        return _decode_layer_checked(x, a, values, meta, b, bias, out)
+    bd_grid, bd_kw, sp, ws, cnt, m, d_in, d_out = p
+    x2 = x if x.dim() == 2 else x.reshape(m, d_in)
+    h = torch.empty(m, d_in, dtype=torch.float32, device=x.device)
+    _launch(blockdiag_kernel, bd_grid, (x2, b, b, h, m, b.shape[1], *x2.stride(), d_in, 1), bd_kw)
+    y = out if out is not None else torch.empty(m, d_out, dtype=x.dtype, device=x.device)
+    _launch(sparse24_small_kernel, sp["grid"], _sparse_args(sp, h, values, meta, a, bias, y, ws, cnt), sp["meta"])
+    return y if out is not None or x.dim() == 2 else y.reshape(*x.shape[:-1], d_out)
+
+
+def _decode_fast_plan(x, a, values, meta, b, bias):
+    """What the hot path of ``decode_layer`` reuses, or False when it must take the checked path."""
+    d_out, half = values.shape
+    d_in = 2 * half
+    m = x.numel() // d_in
+    if m == 0 or not fusable(a) or not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    if values.stride(-1) != 1 or values.stride(0) % 2 or meta.stride(-1) != 1:
+        return False
+    bd_grid, bd_kw = _blockdiag_plan(m, b.shape[0], b.shape[1], x.dtype, b.dtype, False)
+    sp = _sparse_plan(m, d_out, d_in, a.shape[-1], values.dtype, torch.float32, _sm_count(x.device), None, None,
+                      bias is not None)  # fmt: skip
+    ws, cnt = _workspace(x.device, *sp["ws_shape"][:3], d_out, sp["ws_shape"][3])
+    return bd_grid, bd_kw, sp, ws, cnt, m, d_in, d_out
+
+
+def _decode_layer_checked(x, a, values, meta, b, bias, out) -> torch.Tensor:
     h = blockdiag(x, b, out_dtype=torch.float32)
     h = h.reshape(-1, h.shape[-1])
     if fusable(a):

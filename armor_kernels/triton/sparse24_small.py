@@ -98,7 +98,6 @@ def _split_dot(z, b, acc, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr):
 def sparse24_small_kernel(
     x_ptr,
     vals_ptr,
-    pairs_ptr,
     meta_ptr,
     a_ptr,
     bias_ptr,
@@ -147,8 +146,9 @@ def sparse24_small_kernel(
 
     v_lo = pid_k * VALS_PER_SPLIT
     v_hi = tl.minimum(v_lo + VALS_PER_SPLIT, N_VALS)
-    m_rows = meta_ptr + rows.to(tl.int64)[:, None, None] * stride_mo
-    rok3 = row_ok[:, None, None]
+    # rows the loops read: past the last row they repeat it, so the loads need no row mask
+    # (those rows are computed and dropped: every store is masked by row_ok)
+    rows_ld = tl.minimum(rows, D_OUT - 1).to(tl.int64)[:, None]
     # bits of the index pair of group q in the thread's 16-bit metadata word
     sh = 4 * q
     bit00 = (1 << sh)[None, None, :]
@@ -157,14 +157,15 @@ def sparse24_small_kernel(
     bit11 = (8 << sh)[None, None, :]
 
     ws_base = ws_ptr + (pid_m * SPLIT_K + pid_k).to(tl.int64) * BLOCK_M * D_OUT
+    # 16-bit values as 32-bit pairs (the row stride is even: the launcher checks)
+    pairs_ptr = vals_ptr.to(tl.pointer_type(tl.int32))
     if USE_DOT:
         # ---- tensor cores: dense 16-bit tile from 32-bit value pairs
-        # pairs_ptr: the same values viewed as int32, one word per group; 2-D loads as in the CUDA-core loop
+        # the values viewed as int32: one word per group; 2-D loads as in the CUDA-core loop
         kp = tl.arange(0, NT * 4)
         kb = tl.arange(0, NT * 2)
-        p_rows2 = pairs_ptr + rows.to(tl.int64)[:, None] * (stride_vo // 2)
-        m_rows2 = meta_ptr + rows.to(tl.int64)[:, None] * stride_mo
-        rok2 = row_ok[:, None]
+        p_rows2 = pairs_ptr + rows_ld * (stride_vo // 2)
+        m_rows2 = meta_ptr + rows_ld * stride_mo
         kk = tl.arange(0, NT * 16)
         mm = tl.arange(0, BLOCK_M)
         x_tok = x_ptr + (m0 + mm).to(tl.int64)[None, :] * stride_xm
@@ -179,8 +180,8 @@ def sparse24_small_kernel(
                 mb = tl.load(m_rows2 + moff[None, :])
                 xt = tl.load(x_tok + cols[:, None] * stride_xk, mask=x_tok_ok, other=0.0)
             else:
-                pr = tl.load(p_rows2 + poff[None, :], mask=rok2 & (poff < v_hi // 2)[None, :], other=0)
-                mb = tl.load(m_rows2 + moff[None, :], mask=rok2 & (moff < N_META)[None, :], other=0)
+                pr = tl.load(p_rows2 + poff[None, :], mask=(poff < v_hi // 2)[None, :], other=0)
+                mb = tl.load(m_rows2 + moff[None, :], mask=(moff < N_META)[None, :], other=0)
                 xt = tl.load(x_tok + cols[:, None] * stride_xk, mask=x_tok_ok & (cols < 2 * v_hi)[:, None], other=0.0)
             pr = tl.reshape(pr, (BLOCK_O, NT, 4))
             mb = tl.reshape(mb, (BLOCK_O, NT, 2))
@@ -203,10 +204,9 @@ def sparse24_small_kernel(
         kv = tl.arange(0, NT * 8)
         kb = tl.arange(0, NT * 2)
         kp = tl.arange(0, NT * 4)
-        v_rows = vals_ptr + rows.to(tl.int64)[:, None] * stride_vo
-        p_rows2 = pairs_ptr + rows.to(tl.int64)[:, None] * (stride_vo // 2)
-        m_rows2 = meta_ptr + rows.to(tl.int64)[:, None] * stride_mo
-        rok2 = row_ok[:, None]
+        v_rows = vals_ptr + rows_ld * stride_vo
+        p_rows2 = pairs_ptr + rows_ld * (stride_vo // 2)
+        m_rows2 = meta_ptr + rows_ld * stride_mo
         xk = (t[:, None] * 16 + c16[None, :]) * stride_xk  # [NT, 16] column offsets inside a chunk
         x0_row = x_ptr + m0.to(tl.int64) * stride_xm
         acc0 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
@@ -221,22 +221,26 @@ def sparse24_small_kernel(
             if EVEN:
                 mb = tl.load(m_rows2 + moff[None, :])
             else:
-                # bytes past the split's end are harmless (their values load as 0); only the row end is masked
-                mb = tl.load(m_rows2 + moff[None, :], mask=rok2 & (moff < N_META)[None, :], other=0)
+                # bytes past the split's end are harmless (their values load as 0)
+                mb = tl.load(m_rows2 + moff[None, :], mask=(moff < N_META)[None, :], other=0)
             if PAIRS:
-                # bf16: a value pair is one 32-bit word, and bf16 -> fp32 is a shift (low) or a mask (high)
+                # 16-bit weights: a value pair is one 32-bit word; bf16 -> fp32 is a shift (low) or a mask (high)
                 if EVEN:
                     pr = tl.load(p_rows2 + poff[None, :])
                 else:
-                    pr = tl.load(p_rows2 + poff[None, :], mask=rok2 & (poff < v_hi // 2)[None, :], other=0)
+                    pr = tl.load(p_rows2 + poff[None, :], mask=(poff < v_hi // 2)[None, :], other=0)
                 pr = tl.reshape(pr, (BLOCK_O, NT, 4))
-                v0 = (pr << 16).to(tl.float32, bitcast=True)
-                v1 = (pr & -65536).to(tl.float32, bitcast=True)
+                if vals_ptr.dtype.element_ty == tl.bfloat16:
+                    v0 = (pr << 16).to(tl.float32, bitcast=True)
+                    v1 = (pr & -65536).to(tl.float32, bitcast=True)
+                else:
+                    v0 = pr.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    v1 = (pr >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
             else:
                 if EVEN:
                     v = tl.load(v_rows + voff[None, :])
                 else:
-                    v = tl.load(v_rows + voff[None, :], mask=rok2 & (voff < v_hi)[None, :], other=0.0)
+                    v = tl.load(v_rows + voff[None, :], mask=(voff < v_hi)[None, :], other=0.0)
                 v0, v1 = tl.split(tl.reshape(v.to(tl.float32), (BLOCK_O, NT, 4, 2)))
             mb = tl.reshape(mb, (BLOCK_O, NT, 2))
             word = tl.sum(mb.to(tl.int32) << (8 * b2)[None, None, :], axis=2)[:, :, None]

@@ -41,6 +41,9 @@ def test_sass_loop_and_classes(monkeypatch):
     # issue: 5 warp-instructions; the lsu pipe needs 2 / 0.25 = 8 cycles: the bound is the slower
     assert ss.issue_cycles(c, "sm_90a") == 8.0
     assert ss.issue_cycles(Counter(total=10, fma=10), "sm_80") == 20.0  # A100: half-rate FP32 per partition
+    # H200: 10 FFMA + 10 IMAD fit the FMA pipe in 20 cycles, but IMAD alone runs at half rate
+    assert ss.issue_cycles(Counter(total=20, fma=20, imad=10), "sm_90a") == 20.0
+    assert ss.issue_cycles(Counter(total=20, fma=20, imad=16), "sm_90a") == 32.0
 
 
 def test_occupancy_limits():
