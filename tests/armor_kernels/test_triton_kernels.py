@@ -303,6 +303,36 @@ def test_decode_layer_dtypes(dtype, tokens):
     assert_matches(got, layer_exact(x, w), layer_same_dtype(x, w), dtype, f"{dtype} tokens={tokens}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_layer_hot_path_repeats_the_checked_result(dtype, monkeypatch):
+    # the second call with the same shapes skips the checks and the public launchers: same results,
+    # new weights and inputs every call (nothing but shapes may be cached), leading dims and out= views
+    w1 = rand_weights(128, 256, 32, 16, dtype=dtype)
+    x1 = torch.randn(2, 3, 256, device=DEVICE).to(dtype)
+    x1_2d = x1.reshape(6, 256)
+    first = tb.decode_layer(x1, w1.a, w1.values, w1.meta, w1.b, w1.bias)
+    assert first.shape == (2, 3, 128)
+    assert_matches(first.reshape(6, 128), layer_exact(x1_2d, w1), layer_same_dtype(x1_2d, w1), dtype, "checked")
+    out, _ = poisoned_view(6, 128, dtype)
+    tb.decode_layer(x1_2d, w1.a, w1.values, w1.meta, w1.b, w1.bias, out=out)  # plans the 2-D, out= key
+
+    def checked(*a, **k):
+        raise AssertionError("the hot path called a checked launcher")
+
+    monkeypatch.setattr(tb, "blockdiag", checked)
+    monkeypatch.setattr(tb, "sparse24_small", checked)
+    for _ in range(2):
+        w = rand_weights(128, 256, 32, 16, dtype=dtype)
+        x = torch.randn(2, 3, 256, device=DEVICE).to(dtype)
+        got = tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias)
+        x2 = x.reshape(6, 256)
+        assert_matches(got.reshape(6, 128), layer_exact(x2, w), layer_same_dtype(x2, w), dtype, "hot path")
+    out2, big2 = poisoned_view(6, 128, dtype)
+    tb.decode_layer(x1_2d, w1.a, w1.values, w1.meta, w1.b, w1.bias, out=out2)
+    assert_margins_untouched(big2, 6, 128)
+    torch.testing.assert_close(out2, first.reshape(6, 128), rtol=0, atol=0)
+
+
 def test_decode_layer_unfused_output_wrapper(monkeypatch):
     # blocks wider than the epilogue's limit go through a third launch
     monkeypatch.setattr(tb, "MAX_FUSED_BLOCK", 8)
