@@ -119,19 +119,32 @@ class Launch:
 
 
 @contextlib.contextmanager
-def recording(tb, sm_count: int):
+def recording(tb, sm_count: int, pdl: bool = False):
+    """Launches recorded instead of run, on a GPU with ``sm_count`` SMs; ``pdl``: as with ARMOR_TRITON_PDL=1.
+
+    ``decode_layer``'s per-shape hot-path plans are set aside (their key has no SM count).
+    """
     rec: list[Launch] = []
-    saved = tb._launch, tb._sm_count
+    saved = tb._launch, tb._sm_count, tb._pdl_enabled, dict(tb._dl_plans)
     tb._launch = lambda kernel, grid, args, kwargs: rec.append(Launch(kernel, tuple(grid), tuple(args), dict(kwargs)))
     tb._sm_count = lambda device: sm_count
+    tb._pdl_enabled = lambda device: pdl
+    tb._dl_plans.clear()
     try:
         yield rec
     finally:
-        tb._launch, tb._sm_count = saved
+        tb._launch, tb._sm_count, tb._pdl_enabled = saved[:3]
+        tb._dl_plans.clear()
+        tb._dl_plans.update(saved[3])
 
 
-def decode_launches(tb, sm_count, d_out, d_in, tokens, dtype, bias=False):
-    """Launches of ``decode_layer`` for one layer, b = 128 (or the largest valid block below it)."""
+def decode_launches(tb, sm_count, d_out, d_in, tokens, dtype, bias=False, pdl=False):
+    """Launches of ``decode_layer`` for one layer, b = 128 (or the largest valid block below it).
+
+    The first call for a shape takes the checked path and the later ones the hot path; both
+    launch the same kernels with the same configuration, except that only the hot path uses
+    programmatic dependent launch (``pdl``): then the second call is the one recorded.
+    """
     from armor_kernels.formats import choose_block_size
 
     bo, bi = choose_block_size(d_out, 128), choose_block_size(d_in, 128, 4)
@@ -142,8 +155,11 @@ def decode_launches(tb, sm_count, d_out, d_in, tokens, dtype, bias=False):
     values = torch.empty(d_out, d_in // 2, dtype=dtype, device=dev)
     meta = torch.empty(d_out, (d_in // 4 + 1) // 2, dtype=torch.uint8, device=dev)
     bias_t = torch.empty(d_out, dtype=dtype, device=dev) if bias else None
-    with recording(tb, sm_count) as rec:
+    with recording(tb, sm_count, pdl) as rec:
         tb.decode_layer(x, a, values, meta, b, bias_t)
+        if pdl:
+            rec.clear()
+            tb.decode_layer(x, a, values, meta, b, bias_t)
     return rec, (bo, bi)
 
 
@@ -265,6 +281,25 @@ def analyse(launch: Launch, gpu: ss.GPU) -> dict:
         "pred_us": pred_s * 1e6,
     }
     return row
+
+
+def pdl_check(tb, d_out=4096, d_in=4096, tokens=1) -> str:
+    """Compile the hot path with programmatic dependent launch for sm_90a and find its two instructions.
+
+    ``griddepcontrol.launch_dependents`` is ``PREEXIT`` in the B-wrapper, ``griddepcontrol.wait``
+    is ``ACQBULK`` at the start of the 2:4 kernel; the launch itself asks for ``launch_pdl``.
+    """
+    rec, _ = decode_launches(tb, ss.GPUS["H200"].sms, d_out, d_in, tokens, torch.bfloat16, pdl=True)
+    names = [r.name for r in rec]
+    if names != ["blockdiag_kernel", "sparse24_small_kernel"] or not rec[1].kwargs.get("launch_pdl"):
+        raise RuntimeError(f"PDL hot path: unexpected launches {names} {[r.kwargs for r in rec]}")
+    found = []
+    for launch, op in zip(rec, ("PREEXIT", "ACQBULK")):
+        ops = {o for o, _, _ in ss.disassemble(compile_launch(launch, "sm_90a")["cubin"])}
+        if op not in ops:
+            raise RuntimeError(f"{launch.name} compiled for PDL has no {op}")
+        found.append(f"{op} in {launch.name.replace('_kernel', '')}")
+    return f"H200 bf16 {d_out}x{d_in} T={tokens}, programmatic dependent launch (ARMOR_TRITON_PDL=1): " + ", ".join(found)
 
 
 def dense_floor_s(d_out, d_in, tokens, gpu):
@@ -471,6 +506,8 @@ def main(argv=None) -> int:
                 print(f"{r['gpu']} {r['dtype']} {r['d_out']}x{r['d_in']} T={r['tokens']}: {r['launches']} launches, "
                       f"issue {r['issue_us']:.2f} µs, memory {r['mem_us']:.2f} µs, predicted {r['pred_us']:.2f} µs, "
                       f"dense floor {r['dense_floor_us']:.2f} µs, max spill {r['spill_bytes']} B")  # fmt: skip
+        if "H200" in gpus:
+            print(pdl_check(_require_compiler()))
         return 0
     rows = run(MODELS, DECODE_TOKENS, WRAPPER_TOKENS, list(DTYPES), gpus)
     write(rows, os.path.join(args.out_dir, f"{args.name}.csv"), os.path.join(args.out_dir, f"{args.name}.md"))

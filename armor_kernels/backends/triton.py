@@ -87,6 +87,23 @@ def _sm_count(device: torch.device) -> int:
     return _sm_counts[key]
 
 
+# Opt-in: launch the 2:4 kernel of decode_layer's hot path with programmatic dependent launch
+# (sm_90+), so its set-up overlaps the B-wrapper; not yet measured on a GPU, hence off by default.
+PDL_ENV = "ARMOR_TRITON_PDL"
+_pdl_ok: dict = {}
+
+
+def _pdl_enabled(device: torch.device) -> bool:
+    if os.environ.get(PDL_ENV, "") != "1" or interpreting() or device.type != "cuda":
+        return False
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _pdl_ok:
+        from ..triton.sparse24_small import gdc_wait
+
+        _pdl_ok[key] = gdc_wait is not None and torch.cuda.get_device_capability(key)[0] >= 9
+    return _pdl_ok[key]
+
+
 def _launch(kernel, grid, args, kwargs):
     """Every launch goes through here (benchmarks/kernel_static.py records them instead)."""
     kernel[grid](*args, **kwargs)
@@ -393,10 +410,14 @@ def _decode_fast_plan(x, a, values, meta, b, bias):
                       bias is not None)  # fmt: skip
     ws, cnt = _workspace(x.device, *sp["ws_shape"][:3], d_out, sp["ws_shape"][3])
     h = torch.empty(m, d_in, dtype=torch.float32, device=x.device)
+    sp_kw = sp["meta"]
+    if _pdl_enabled(x.device):
+        bd_kw = dict(bd_kw, LAUNCH_DEPENDENTS=True)
+        sp_kw = dict(sp_kw, GDC_WAIT=True, launch_pdl=True)
     # the integer arguments of the 2:4 launch between cnt_ptr and the output strides
     ints = (m, d_out, half, meta.shape[1], sp["rows"], sp["b_out"], sp["vals_per_split"], d_in, 1,
             values.stride(0), meta.stride(0))  # fmt: skip
-    return bd_grid, bd_kw, sp["grid"], sp["meta"], ints, h, ws, cnt, m, d_in, d_out
+    return bd_grid, bd_kw, sp["grid"], sp_kw, ints, h, ws, cnt, m, d_in, d_out
 
 
 def _decode_layer_checked(x, a, values, meta, b, bias, out) -> torch.Tensor:

@@ -37,6 +37,11 @@ stores ``y`` once. One launch.
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (sm_90+): in Triton 3.6 and 3.9
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # pragma: no cover - older Triton: the launcher never asks for it
+    gdc_wait = None
+
 
 @triton.jit
 def _bit_as_float(word, bit):
@@ -130,7 +135,12 @@ def sparse24_small_kernel(
     EPI_M: tl.constexpr,
     EVEN: tl.constexpr,
     PAIRS: tl.constexpr,
+    GDC_WAIT: tl.constexpr = False,
 ):
+    if GDC_WAIT:
+        # launched with launch_pdl behind the B-wrapper: wait until it has finished and its h is
+        # visible, before touching h, the workspace or the counters
+        gdc_wait()
     pid_o = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)

@@ -68,3 +68,5 @@ def test_smoke_compiles_every_decode_kernel_for_both_targets():
     for line in lines:
         assert "2 launches" in line and "predicted" in line, line
     assert any(line.startswith("H200") for line in lines) and any(line.startswith("A100") for line in lines)
+    # the opt-in programmatic-dependent-launch variant compiles, with both grid-dependency instructions
+    assert "programmatic dependent launch" in p.stdout and "PREEXIT in blockdiag, ACQBULK in sparse24_small" in p.stdout
