@@ -8,6 +8,8 @@ Kernels exposed for direct timing (benchmarks) and tests:
   ``MAX_SMALL_TOKENS`` tokens (more run as 16-token tiles, each re-reading the weights);
 - ``decode_layer(x, a, values, meta, b, bias=None, out=None)``: the whole layer in 2 launches
   (B-wrapper, then 2:4 with A and bias fused; 3 when A's blocks are wider than a tile).
+  ``ARMOR_TRITON_PDL=1`` (opt-in, sm_90+, not yet measured on a GPU) launches the 2:4 kernel
+  of its hot path with programmatic dependent launch behind the B-wrapper.
 
 Availability: needs triton, and either CUDA tensors or ``TRITON_INTERPRET=1``
 (set before triton is imported) for CPU tensors. On CPU the selection table puts
@@ -45,10 +47,11 @@ except Exception as e:  # noqa: BLE001 - any import failure makes the backend un
 # 16 tokens, so beyond that every 16-token tile reads the weights again.
 MAX_SMALL_TOKENS = DECODE_MAX_TOKENS
 # From this many tokens the 2:4 kernel multiplies on tensor cores (16-row tiles, 16-bit
-# weights): the CUDA-core path costs ~3 FMAs per kept value and token on top of ~8
-# fixed instructions per value, the tensor-core path ~11 per value for any count (sm_90a
-# machine code, benchmarks/results/kernel_static.md); they cross near 3 tokens.
-DOT_MIN_TOKENS = 3
+# weights): per pass of 128 rows x 64 values the sm_90a CUDA-core loop costs 318
+# instructions at 1 token and 434 at 2 (165 registers: 1 block per SM), the tensor-core
+# loop ~321-354 for any count (benchmarks/results/kernel_static.md); on sm_80 2 tokens
+# cost the same either way.
+DOT_MIN_TOKENS = 2
 # Tokens one CUDA-core program handles (one accumulator set per token)
 CUDA_CORE_TOKENS = 4
 # Widest output block the epilogue fuses: the [128, 128] 16-bit A tile is 32
