@@ -2,6 +2,7 @@
 
     python -m benchmarks.kernel_static            # full table -> benchmarks/results/kernel_static.{csv,md}
     python -m benchmarks.kernel_static --smoke    # a few configurations, both targets, prints only
+    python -m benchmarks.kernel_static --name kernel_static_triton3.6   # another Triton (its own venv)
 
 Every launch comes from the real launchers in ``armor_kernels.backends.triton``:
 ``decode_layer`` (1-16 tokens) and ``blockdiag`` (the wrappers at 2048 tokens) run on
@@ -95,11 +96,11 @@ class Launch:
 
     def tensor_bytes(self) -> int:
         """Bytes of every distinct tensor argument except the split-K workspace and counters
-        (L2-resident) and ``pairs_ptr`` (the values again, viewed as int32)."""
+        (L2-resident)."""
         names = self.kernel.arg_names
         seen, total = set(), 0
         for n, a in zip(names, self.args):
-            if isinstance(a, torch.Tensor) and n not in ("ws_ptr", "cnt_ptr", "pairs_ptr") and id(a) not in seen:
+            if isinstance(a, torch.Tensor) and n not in ("ws_ptr", "cnt_ptr") and id(a) not in seen:
                 seen.add(id(a))
                 total += a.numel() * a.element_size()
         return total
@@ -118,19 +119,32 @@ class Launch:
 
 
 @contextlib.contextmanager
-def recording(tb, sm_count: int):
+def recording(tb, sm_count: int, pdl: bool = False):
+    """Launches recorded instead of run, on a GPU with ``sm_count`` SMs; ``pdl``: as with ARMOR_TRITON_PDL=1.
+
+    ``decode_layer``'s per-shape hot-path plans are set aside (their key has no SM count).
+    """
     rec: list[Launch] = []
-    saved = tb._launch, tb._sm_count
+    saved = tb._launch, tb._sm_count, tb._pdl_enabled, dict(tb._dl_plans)
     tb._launch = lambda kernel, grid, args, kwargs: rec.append(Launch(kernel, tuple(grid), tuple(args), dict(kwargs)))
     tb._sm_count = lambda device: sm_count
+    tb._pdl_enabled = lambda device: pdl
+    tb._dl_plans.clear()
     try:
         yield rec
     finally:
-        tb._launch, tb._sm_count = saved
+        tb._launch, tb._sm_count, tb._pdl_enabled = saved[:3]
+        tb._dl_plans.clear()
+        tb._dl_plans.update(saved[3])
 
 
-def decode_launches(tb, sm_count, d_out, d_in, tokens, dtype, bias=False):
-    """Launches of ``decode_layer`` for one layer, b = 128 (or the largest valid block below it)."""
+def decode_launches(tb, sm_count, d_out, d_in, tokens, dtype, bias=False, pdl=False):
+    """Launches of ``decode_layer`` for one layer, b = 128 (or the largest valid block below it).
+
+    The first call for a shape takes the checked path and the later ones the hot path; both
+    launch the same kernels with the same configuration, except that only the hot path uses
+    programmatic dependent launch (``pdl``): then the second call is the one recorded.
+    """
     from armor_kernels.formats import choose_block_size
 
     bo, bi = choose_block_size(d_out, 128), choose_block_size(d_in, 128, 4)
@@ -141,8 +155,11 @@ def decode_launches(tb, sm_count, d_out, d_in, tokens, dtype, bias=False):
     values = torch.empty(d_out, d_in // 2, dtype=dtype, device=dev)
     meta = torch.empty(d_out, (d_in // 4 + 1) // 2, dtype=torch.uint8, device=dev)
     bias_t = torch.empty(d_out, dtype=dtype, device=dev) if bias else None
-    with recording(tb, sm_count) as rec:
+    with recording(tb, sm_count, pdl) as rec:
         tb.decode_layer(x, a, values, meta, b, bias_t)
+        if pdl:
+            rec.clear()
+            tb.decode_layer(x, a, values, meta, b, bias_t)
     return rec, (bo, bi)
 
 
@@ -252,6 +269,7 @@ def analyse(launch: Launch, gpu: ss.GPU) -> dict:
         "loop_bar": loop.get("bar", 0),
         "loop_fma": loop.get("fma", 0),
         "loop_ffma": loop.get("ffma", 0),
+        "loop_imad": loop.get("imad", 0),
         "loop_mma": loop.get("mma", 0),
         "loop_alu": loop.get("alu", 0),
         "loop_cvt": loop.get("cvt", 0),
@@ -263,6 +281,25 @@ def analyse(launch: Launch, gpu: ss.GPU) -> dict:
         "pred_us": pred_s * 1e6,
     }
     return row
+
+
+def pdl_check(tb, d_out=4096, d_in=4096, tokens=1) -> str:
+    """Compile the hot path with programmatic dependent launch for sm_90a and find its two instructions.
+
+    ``griddepcontrol.launch_dependents`` is ``PREEXIT`` in the B-wrapper, ``griddepcontrol.wait``
+    is ``ACQBULK`` at the start of the 2:4 kernel; the launch itself asks for ``launch_pdl``.
+    """
+    rec, _ = decode_launches(tb, ss.GPUS["H200"].sms, d_out, d_in, tokens, torch.bfloat16, pdl=True)
+    names = [r.name for r in rec]
+    if names != ["blockdiag_kernel", "sparse24_small_kernel"] or not rec[1].kwargs.get("launch_pdl"):
+        raise RuntimeError(f"PDL hot path: unexpected launches {names} {[r.kwargs for r in rec]}")
+    found = []
+    for launch, op in zip(rec, ("PREEXIT", "ACQBULK")):
+        ops = {o for o, _, _ in ss.disassemble(compile_launch(launch, "sm_90a")["cubin"])}
+        if op not in ops:
+            raise RuntimeError(f"{launch.name} compiled for PDL has no {op}")
+        found.append(f"{op} in {launch.name.replace('_kernel', '')}")
+    return f"H200 bf16 {d_out}x{d_in} T={tokens}, programmatic dependent launch (ARMOR_TRITON_PDL=1): " + ", ".join(found)
 
 
 def dense_floor_s(d_out, d_in, tokens, gpu):
@@ -321,7 +358,7 @@ COLUMNS = [
     "gpu", "arch", "triton", "model", "d_out", "d_in", "b_out", "b_in", "dtype", "tokens", "path", "launch", "kernel",
     "grid", "programs", "num_warps", "config", "regs", "spill_bytes", "shared_bytes", "blocks_per_sm", "steps",
     "loop_instr", "loop_ldg128", "loop_ldg64", "loop_ldg32", "loop_ldg16", "loop_ldg8", "loop_lds", "loop_sts",
-    "loop_shfl", "loop_bar", "loop_fma", "loop_ffma", "loop_mma", "loop_alu", "loop_cvt", "loop_local", "bytes",
+    "loop_shfl", "loop_bar", "loop_fma", "loop_ffma", "loop_imad", "loop_mma", "loop_alu", "loop_cvt", "loop_local", "bytes",
     "issue_us", "mem_us", "inflight", "pred_us", "launches", "dense_floor_us", "speedup_vs_dense_floor",
     "launch_budget_1p4x_us",
 ]  # fmt: skip
@@ -373,6 +410,26 @@ def write(rows, csv_path, md_path):
     os.replace(tmp, md_path)
 
 
+def summary(rows) -> list[str]:
+    """The Llama-3-8B decode rows at 1 and 16 tokens (H200, bf16): the table README.md quotes."""
+    hdr = ["layer", "T", "launches", "2:4 kernel regs", "max spill B", "2:4 loop instr", "issue µs", "memory µs",
+           "predicted µs", "dense floor µs", "dense floor / predicted"]  # fmt: skip
+    out = ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
+    for d_out, d_in in MODELS["llama3-8b"]:
+        for tok in (1, 16):
+            sel = [r for r in rows if r["gpu"] == "H200" and r["dtype"] == "bf16" and r["tokens"] == tok
+                   and (r["d_out"], r["d_in"]) == (d_out, d_in)]  # fmt: skip
+            layer = next((r for r in sel if r["launch"] == "all"), None)
+            core = next((r for r in sel if r.get("kernel") == "sparse24_small"), None)
+            if layer is None or core is None:
+                continue
+            vals = [f"{d_out}x{d_in}", tok, layer["launches"], core["regs"], layer["spill_bytes"], core["loop_instr"],
+                    layer["issue_us"], layer["mem_us"], layer["pred_us"], layer["dense_floor_us"],
+                    f"{_fmt(layer['speedup_vs_dense_floor'])}x"]  # fmt: skip
+            out.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
+    return out
+
+
 def markdown(rows) -> str:
     import triton
 
@@ -392,6 +449,7 @@ def markdown(rows) -> str:
     ]
     for name, ok, val in targets(rows):
         lines.append(f"| {name} | {'yes' if ok else 'no'} | {val} |")
+    lines += ["", "## Llama-3-8B decode (H200, bf16, b = 128)", ""] + summary(rows)
     lines += ["", "## Layers", ""]
     hdr = ["gpu", "dtype", "model", "d_out", "d_in", "tokens", "launches", "max regs", "max spill B", "issue µs",
            "memory µs", "predicted µs", "dense floor µs", "dense floor / predicted", "launch budget for 1.4x (µs/launch)"]  # fmt: skip
@@ -405,7 +463,7 @@ def markdown(rows) -> str:
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
     lines += ["", "## Kernels (one row per launch)", ""]
     hdr = ["gpu", "dtype", "d_out x d_in", "T", "kernel", "config", "grid", "warps", "regs", "spill B", "smem B",
-           "blocks/SM", "steps", "loop instr", "LDG.128/64/32/16/8", "LDS/STS", "SHFL", "BAR", "FMA-pipe (FFMA)",
+           "blocks/SM", "steps", "loop instr", "LDG.128/64/32/16/8", "LDS/STS", "SHFL", "BAR", "FMA-pipe (FFMA/IMAD)",
            "MMA", "ALU", "issue µs", "memory µs", "in-flight x", "predicted µs"]  # fmt: skip
     lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for r in rows:
@@ -415,7 +473,7 @@ def markdown(rows) -> str:
         vals = [r["gpu"], r["dtype"], f"{r['d_out']}x{r['d_in']}", r["tokens"], r["kernel"], r["config"], r["grid"],
                 r["num_warps"], r["regs"], r["spill_bytes"], r["shared_bytes"], r["blocks_per_sm"], r["steps"],
                 r["loop_instr"], ldg, f"{r['loop_lds']}/{r['loop_sts']}", r["loop_shfl"], r["loop_bar"],
-                f"{r['loop_fma']} ({r['loop_ffma']})", r["loop_mma"], r["loop_alu"], r["issue_us"], r["mem_us"],
+                f"{r['loop_fma']} ({r['loop_ffma']}/{r['loop_imad']})", r["loop_mma"], r["loop_alu"], r["issue_us"], r["mem_us"],
                 r["inflight"], r["pred_us"]]  # fmt: skip
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
     return "\n".join(lines) + "\n"
@@ -425,9 +483,22 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="a few configurations on both targets; prints, writes nothing")
     ap.add_argument("--out-dir", default=RESULTS)
+    ap.add_argument("--name", default="kernel_static", help="file stem of the CSV and markdown written")
     ap.add_argument("--gpus", default="H200,A100")
+    ap.add_argument("--models", default=",".join(MODELS), help="subset of the models (prints, writes nothing)")
+    ap.add_argument("--tokens", default=None, help="subset of the token counts (prints, writes nothing)")
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
     args = ap.parse_args(argv)
     gpus = args.gpus.split(",")
+    subset = args.models != ",".join(MODELS) or args.tokens is not None or args.dtypes != ",".join(DTYPES)
+    if subset and not args.smoke:
+        models = {m: MODELS[m] for m in args.models.split(",")}
+        tokens = tuple(int(t) for t in (args.tokens or "1,2,4,8,16").split(","))
+        rows = run(models, tokens, (), args.dtypes.split(","), gpus, progress=False)
+        print("\n".join(summary(rows)))
+        for name, ok, val in targets(rows):
+            print(f"{'MET ' if ok else 'MISS'} {name}: {val}")
+        return 0
     if args.smoke:
         rows = run(SMOKE["models"], SMOKE["tokens"], SMOKE["wrapper_tokens"], SMOKE["dtypes"], gpus, progress=False)
         for r in rows:
@@ -435,9 +506,11 @@ def main(argv=None) -> int:
                 print(f"{r['gpu']} {r['dtype']} {r['d_out']}x{r['d_in']} T={r['tokens']}: {r['launches']} launches, "
                       f"issue {r['issue_us']:.2f} µs, memory {r['mem_us']:.2f} µs, predicted {r['pred_us']:.2f} µs, "
                       f"dense floor {r['dense_floor_us']:.2f} µs, max spill {r['spill_bytes']} B")  # fmt: skip
+        if "H200" in gpus:
+            print(pdl_check(_require_compiler()))
         return 0
     rows = run(MODELS, DECODE_TOKENS, WRAPPER_TOKENS, list(DTYPES), gpus)
-    write(rows, os.path.join(args.out_dir, "kernel_static.csv"), os.path.join(args.out_dir, "kernel_static.md"))
+    write(rows, os.path.join(args.out_dir, f"{args.name}.csv"), os.path.join(args.out_dir, f"{args.name}.md"))
     for name, ok, val in targets(rows):
         print(f"{'MET ' if ok else 'MISS'} {name}: {val}")
     return 0

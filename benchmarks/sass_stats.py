@@ -8,9 +8,12 @@ with the most global loads (the weight stream).
 Pipe rates (warp-instructions per cycle per SM sub-partition, 4 per SM), from
 NVIDIA's published unit counts per SM: H100/H200 have 128 FP32 lanes, 64 INT32
 lanes and 32 load/store lanes per SM; A100 has 64 FP32, 64 INT32 and 32 LD/ST.
-So per sub-partition: issue 1; FP32/IMAD ("fma") 1 on sm_90 and 0.5 on sm_80;
-integer/logic/select ("alu") 0.5; memory and shuffles ("lsu") 0.25. These give
-lower bounds: dependencies, latency and bank conflicts only add time.
+So per sub-partition: issue 1; FP32 and IMAD together ("fma") 1 on sm_90 and 0.5
+on sm_80; IMAD alone 0.5 on both (Nsight Compute's pipeline list: integer
+multiplies run only on the "fmaheavy" half of the FMA pipe; 64 IMAD/clk/SM in the
+CUDA programming guide's throughput table for 8.x and 9.0); integer/logic/select
+("alu") 0.5; memory and shuffles ("lsu") 0.25. These give lower bounds:
+dependencies, latency and bank conflicts only add time.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ _BAR = {"BAR", "MEMBAR", "SYNCS", "WARPSYNC", "BSYNC", "ERRBAR", "FENCE"}
 
 ISSUE_RATE = 1.0
 PIPE_RATES = {
-    "sm_90a": {"fma": 1.0, "alu": 0.5, "lsu": 0.25},
-    "sm_80": {"fma": 0.5, "alu": 0.5, "lsu": 0.25},
+    "sm_90a": {"fma": 1.0, "imad": 0.5, "alu": 0.5, "lsu": 0.25},
+    "sm_80": {"fma": 0.5, "imad": 0.5, "alu": 0.5, "lsu": 0.25},
 }
 
 
@@ -165,7 +168,7 @@ def disassemble(cubin: bytes) -> list[tuple[str, str, str]]:
 
 
 def count(ins) -> Counter:
-    """Counts by class plus detail keys: ``ldg.<bytes>``, ``shfl``, ``bar.sync``, ``ffma``, ..."""
+    """Counts by class plus detail keys: ``ldg.<bytes>``, ``shfl``, ``bar``, ``ffma``, ``imad`` (in ``fma``), ..."""
     c = Counter()
     for op, mods, args in ins:
         if op == "LABEL" or op == "NOP":
@@ -189,6 +192,8 @@ def count(ins) -> Counter:
             c["bar"] += 1
         elif op in ("FFMA", "HFMA2"):
             c["ffma"] += 1
+        elif op == "IMAD":
+            c["imad"] += 1
         elif op in ("LDL", "STL"):
             c["local"] += 1
     return c

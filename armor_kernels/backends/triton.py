@@ -8,6 +8,8 @@ Kernels exposed for direct timing (benchmarks) and tests:
   ``MAX_SMALL_TOKENS`` tokens (more run as 16-token tiles, each re-reading the weights);
 - ``decode_layer(x, a, values, meta, b, bias=None, out=None)``: the whole layer in 2 launches
   (B-wrapper, then 2:4 with A and bias fused; 3 when A's blocks are wider than a tile).
+  ``ARMOR_TRITON_PDL=1`` (opt-in, sm_90+, not yet measured on a GPU) launches the 2:4 kernel
+  of its hot path with programmatic dependent launch behind the B-wrapper.
 
 Availability: needs triton, and either CUDA tensors or ``TRITON_INTERPRET=1``
 (set before triton is imported) for CPU tensors. On CPU the selection table puts
@@ -45,10 +47,11 @@ except Exception as e:  # noqa: BLE001 - any import failure makes the backend un
 # 16 tokens, so beyond that every 16-token tile reads the weights again.
 MAX_SMALL_TOKENS = DECODE_MAX_TOKENS
 # From this many tokens the 2:4 kernel multiplies on tensor cores (16-row tiles, 16-bit
-# weights): the CUDA-core path costs ~3 FMAs per kept value and token on top of ~8
-# fixed instructions per value, the tensor-core path ~11 per value for any count (sm_90a
-# machine code, benchmarks/results/kernel_static.md); they cross near 3 tokens.
-DOT_MIN_TOKENS = 3
+# weights): per pass of 128 rows x 64 values the sm_90a CUDA-core loop costs 318
+# instructions at 1 token and 434 at 2 (165 registers: 1 block per SM), the tensor-core
+# loop ~321-354 for any count (benchmarks/results/kernel_static.md); on sm_80 2 tokens
+# cost the same either way.
+DOT_MIN_TOKENS = 2
 # Tokens one CUDA-core program handles (one accumulator set per token)
 CUDA_CORE_TOKENS = 4
 # Widest output block the epilogue fuses: the [128, 128] 16-bit A tile is 32
@@ -85,6 +88,23 @@ def _sm_count(device: torch.device) -> int:
     if key not in _sm_counts:
         _sm_counts[key] = torch.cuda.get_device_properties(key).multi_processor_count
     return _sm_counts[key]
+
+
+# Opt-in: launch the 2:4 kernel of decode_layer's hot path with programmatic dependent launch
+# (sm_90+), so its set-up overlaps the B-wrapper; not yet measured on a GPU, hence off by default.
+PDL_ENV = "ARMOR_TRITON_PDL"
+_pdl_ok: dict = {}
+
+
+def _pdl_enabled(device: torch.device) -> bool:
+    if os.environ.get(PDL_ENV, "") != "1" or interpreting() or device.type != "cuda":
+        return False
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _pdl_ok:
+        from ..triton.sparse24_small import gdc_wait
+
+        _pdl_ok[key] = gdc_wait is not None and torch.cuda.get_device_capability(key)[0] >= 9
+    return _pdl_ok[key]
 
 
 def _launch(kernel, grid, args, kwargs):
@@ -143,8 +163,8 @@ def _blockdiag_config(m: int, bs: int) -> dict:
 _bd_plans: dict = {}
 
 
-def _blockdiag_plan(m: int, n: int, bs: int, x_dtype, w_dtype) -> tuple:
-    key = (m, n, bs, x_dtype, w_dtype)
+def _blockdiag_plan(m: int, n: int, bs: int, x_dtype, w_dtype, has_bias: bool = False) -> tuple:
+    key = (m, n, bs, x_dtype, w_dtype, has_bias)
     plan = _bd_plans.get(key)
     if plan is None:
         cfg = _blockdiag_config(m, bs)
@@ -152,7 +172,7 @@ def _blockdiag_plan(m: int, n: int, bs: int, x_dtype, w_dtype) -> tuple:
         dot = _dot_dtype(w_dtype)
         x_split = use_dot and x_dtype == torch.float32 and dot != tl.float32
         grid = (_cdiv(m, cfg["BLOCK_M"]), n, _cdiv(bs, cfg["BLOCK_N"]))
-        plan = _bd_plans[key] = (grid, dict(cfg, USE_DOT=use_dot, DOT_DTYPE=dot, X_SPLIT=x_split))
+        plan = _bd_plans[key] = (grid, dict(cfg, USE_DOT=use_dot, DOT_DTYPE=dot, X_SPLIT=x_split, HAS_BIAS=has_bias))
     return plan
 
 
@@ -169,12 +189,8 @@ def blockdiag(x, blocks, bias=None, out=None, out_dtype=None) -> torch.Tensor:
     if m == 0:
         return y if out is not None else y.reshape(*x.shape[:-1], n * bs)
     w = blocks if blocks.is_contiguous() else blocks.contiguous()
-    grid, kw = _blockdiag_plan(m, n, bs, x.dtype, blocks.dtype)
-    _launch(
-        blockdiag_kernel, grid,
-        (x2, w, bias if bias is not None else w, y, m, bs, *x2.stride(), *y.stride()),
-        dict(kw, HAS_BIAS=bias is not None),
-    )  # fmt: skip
+    grid, kw = _blockdiag_plan(m, n, bs, x.dtype, blocks.dtype, bias is not None)
+    _launch(blockdiag_kernel, grid, (x2, w, bias if bias is not None else w, y, m, bs, *x2.stride(), *y.stride()), kw)
     return y if out is not None else y.reshape(*x.shape[:-1], n * bs)
 
 
@@ -208,10 +224,36 @@ def fusable(a: torch.Tensor | None) -> bool:
 
 _sp_plans: dict = {}
 
+# Per-program fixed work (index set-up, partial store, counter, and the epilogue of the last
+# program) in main-loop passes: ~830-940 instructions against 320-460 per pass in the sm_90a
+# code (benchmarks/results/kernel_static.md).
+PROGRAM_COST_STEPS = 3
 
-def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, split_k=None) -> dict:
-    """Tile sizes, split and grid of ``sparse24_small`` for one shape (cached: no work on the hot path)."""
-    key = (m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot, split_k)
+
+def _best_split(tiles: int, n_steps: int, sms: int) -> int:
+    """Split of the input groups that minimises the busiest SM's work, counted in loop passes.
+
+    Cost: programs on the busiest SM x (passes per program + fixed work), scaled by
+    ``sms / busy SMs`` so that leaving SMs idle (their share of the memory bandwidth) costs
+    too. A split whose programs overflow the SMs by a few (288 programs on 132 SMs: 3
+    rounds instead of 2) loses to the next smaller one.
+    """
+    best, best_cost = 1, None
+    for split in range(1, n_steps + 1):
+        programs = tiles * split
+        steps = -(-n_steps // split)
+        cost = -(-programs // sms) * (steps + PROGRAM_COST_STEPS) * sms / min(programs, sms)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = split, cost
+    return best
+
+
+def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, split_k=None, has_bias=False) -> dict:
+    """Tile sizes, split and grid of ``sparse24_small`` for one shape (cached: no work on the hot path).
+
+    ``b_out``: A's block when it is fused into the epilogue, else None.
+    """
+    key = (m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot, split_k, has_bias)
     plan = _sp_plans.get(key)
     if plan is not None:
         return plan
@@ -234,22 +276,26 @@ def _sparse_plan(m, d_out, d_in, b_out, w_dtype, x_dtype, sms, use_dot=None, spl
     m_tiles = _cdiv(m, bm)
     n_steps = _cdiv(n_vals, step)
     if split_k is None:
-        # fill the GPU twice over (2 programs per SM), keeping >= 2 steps per split
-        split_k = 1 if interp else max(1, min(_cdiv(2 * sms, n_tiles * m_tiles), n_steps // 2))
+        split_k = 1 if interp else _best_split(n_tiles * m_tiles, n_steps, sms)
     vals_per_split = _cdiv(n_steps, max(1, split_k)) * step
     split_k = _cdiv(n_vals, vals_per_split)
     dot = _dot_dtype(w_dtype)
     chunks = bo * nt  # 8-value chunks per step
+    # every row tile and step full (and, on CUDA cores, every token tile): the main loop runs without masks
+    even = rows == bo and d_out % rows == 0 and n_vals % step == 0 and vals_per_split % step == 0
+    even = even and (use_dot or m % bm == 0)
     plan = _sp_plans[key] = {
         "grid": (n_tiles, split_k, m_tiles),
         "rows": rows,
+        "b_out": b_out or 1,
         "vals_per_split": vals_per_split,
         "steps_per_program": _cdiv(vals_per_split, step),
         "ws_shape": (m_tiles, split_k, bm, n_tiles),
         "meta": {
             "BLOCK_M": bm, "BLOCK_O": bo, "NT": nt, "SPLIT_K": split_k, "USE_DOT": use_dot, "DOT_DTYPE": dot,
             "X_SPLIT": use_dot and x_dtype == torch.float32 and dot != tl.float32,
-            "Z_SPLIT": dot != tl.float32, "EPI_M": max(16, bm),
+            "Z_SPLIT": dot != tl.float32, "EPI_M": max(16, bm), "EVEN": even,
+            "PAIRS": w_dtype != torch.float32, "FUSE_A": b_out is not None, "HAS_BIAS": has_bias,
             "num_warps": 8 if chunks >= 512 else 4, "num_stages": 1,
         },
     }  # fmt: skip
@@ -289,24 +335,29 @@ def sparse24_small(
     if m == 0:
         return y if out is not None else y.reshape(*x.shape[:-1], d_out)
 
-    # rows contiguous, even row stride (the tensor-core path reads value pairs as 32-bit words)
+    # rows contiguous, even row stride (the kernel reads value pairs as 32-bit words)
     if values.stride(-1) != 1 or values.stride(0) % 2:
         values = values.contiguous()
     if meta.stride(-1) != 1:
         meta = meta.contiguous()
-    plan = _sparse_plan(m, d_out, d_in, b_out, values.dtype, x.dtype, _sm_count(x.device), use_dot, split_k)
-    mt, split, bm, n_tiles = plan["ws_shape"]
-    ws, cnt = _workspace(x.device, mt, split, bm, d_out, n_tiles)
+    sms = _sm_count(x.device)
+    plan = _sparse_plan(m, d_out, d_in, b_out, values.dtype, x.dtype, sms, use_dot, split_k, bias is not None)
+    ws, cnt = _workspace(x.device, *plan["ws_shape"][:3], d_out, plan["ws_shape"][3])
     a_t = values if a is None else (a if a.is_contiguous() else a.contiguous())
-    pairs = values.view(torch.int32) if plan["meta"]["USE_DOT"] else values
-    _launch(
-        sparse24_small_kernel, plan["grid"],
-        (x2, values, pairs, meta, a_t, bias if bias is not None else values, y, ws, cnt,
-         m, d_out, half, meta.shape[1], plan["rows"], b_out or 1, plan["vals_per_split"],
-         *x2.stride(), values.stride(0), meta.stride(0), *y.stride()),
-        dict(plan["meta"], FUSE_A=a is not None, HAS_BIAS=bias is not None),
-    )  # fmt: skip
+    _launch(sparse24_small_kernel, plan["grid"], _sparse_args(plan, x2, values, meta, a_t, bias, y, ws, cnt), plan["meta"])
     return y if out is not None else y.reshape(*x.shape[:-1], d_out)
+
+
+def _sparse_args(plan, x2, values, meta, a_t, bias, y, ws, cnt) -> tuple:
+    d_out, half = values.shape
+    return (
+        x2, values, meta, a_t, bias if bias is not None else values, y, ws, cnt,
+        x2.shape[0], d_out, half, meta.shape[1], plan["rows"], plan["b_out"], plan["vals_per_split"],
+        *x2.stride(), values.stride(0), meta.stride(0), *y.stride(),
+    )  # fmt: skip
+
+
+_dl_plans: dict = {}
 
 
 def decode_layer(x, a, values, meta, b, bias=None, out=None) -> torch.Tensor:
@@ -316,7 +367,63 @@ def decode_layer(x, a, values, meta, b, bias=None, out=None) -> torch.Tensor:
     The intermediates stay fp32, like the reference; they are the only
     allocations besides the output (``T·d_in·4`` bytes: 16 KB for 1 token of 4096).
     ``out``: optional ``[tokens, d_out]`` destination (any strides).
+
+    Hot path: the first call for a combination of shapes, dtypes and layouts checks
+    everything and plans both launches through ``blockdiag`` and ``sparse24_small``; later
+    calls with the same key only allocate ``y`` and launch (``python -m
+    benchmarks.host_overhead`` measures it). Like the split-K workspace, ``h`` is one buffer
+    per shape: calls on one stream at a time (stream order makes the reuse safe, CUDA-graph
+    capture included; warm up once before capturing).
     """
+    key = (
+        x.shape, x.dtype, x.device, values.shape, values.dtype, values.stride(), meta.shape, meta.stride(), a.shape,
+        b.shape, b.dtype, bias is not None, None if out is None else out.shape, a.is_contiguous(), b.is_contiguous(),
+    )  # fmt: skip
+    p = _dl_plans.get(key)
+    if p is None:
+        y = _decode_layer_checked(x, a, values, meta, b, bias, out)
+        _dl_plans[key] = _decode_fast_plan(x, a, values, meta, b, bias)
+        return y
+    if p is False:  # layouts that need copies, or A outside the epilogue: the checked path every time
+        return _decode_layer_checked(x, a, values, meta, b, bias, out)
+    bd_grid, bd_kw, sp_grid, sp_kw, sp_ints, h, ws, cnt, m, d_in, d_out = p
+    x2 = x if x.dim() == 2 else x.reshape(m, d_in)
+    # h: one buffer per plan, like the split-K workspace (stream order makes the reuse safe)
+    _launch(blockdiag_kernel, bd_grid, (x2, b, b, h, m, b.shape[1], *x2.stride(), d_in, 1), bd_kw)
+    y = out if out is not None else torch.empty(m, d_out, dtype=x.dtype, device=x.device)
+    _launch(
+        sparse24_small_kernel, sp_grid,
+        (h, values, meta, a, bias if bias is not None else values, y, ws, cnt, *sp_ints, *y.stride()),
+        sp_kw,
+    )  # fmt: skip
+    return y if out is not None or x.dim() == 2 else y.reshape(*x.shape[:-1], d_out)
+
+
+def _decode_fast_plan(x, a, values, meta, b, bias):
+    """What the hot path of ``decode_layer`` reuses, or False when it must take the checked path."""
+    d_out, half = values.shape
+    d_in = 2 * half
+    m = x.numel() // d_in
+    if m == 0 or not fusable(a) or not (a.is_contiguous() and b.is_contiguous()):
+        return False
+    if values.stride(-1) != 1 or values.stride(0) % 2 or meta.stride(-1) != 1:
+        return False
+    bd_grid, bd_kw = _blockdiag_plan(m, b.shape[0], b.shape[1], x.dtype, b.dtype, False)
+    sp = _sparse_plan(m, d_out, d_in, a.shape[-1], values.dtype, torch.float32, _sm_count(x.device), None, None,
+                      bias is not None)  # fmt: skip
+    ws, cnt = _workspace(x.device, *sp["ws_shape"][:3], d_out, sp["ws_shape"][3])
+    h = torch.empty(m, d_in, dtype=torch.float32, device=x.device)
+    sp_kw = sp["meta"]
+    if _pdl_enabled(x.device):
+        bd_kw = dict(bd_kw, LAUNCH_DEPENDENTS=True)
+        sp_kw = dict(sp_kw, GDC_WAIT=True, launch_pdl=True)
+    # the integer arguments of the 2:4 launch between cnt_ptr and the output strides
+    ints = (m, d_out, half, meta.shape[1], sp["rows"], sp["b_out"], sp["vals_per_split"], d_in, 1,
+            values.stride(0), meta.stride(0))  # fmt: skip
+    return bd_grid, bd_kw, sp["grid"], sp_kw, ints, h, ws, cnt, m, d_in, d_out
+
+
+def _decode_layer_checked(x, a, values, meta, b, bias, out) -> torch.Tensor:
     h = blockdiag(x, b, out_dtype=torch.float32)
     h = h.reshape(-1, h.shape[-1])
     if fusable(a):

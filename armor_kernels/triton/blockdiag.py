@@ -22,6 +22,11 @@ wrong, and on GPU the upcast is free next to the loads.
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (sm_90+): in Triton 3.6 and 3.9
+    from triton.language.extra.cuda import gdc_launch_dependents
+except ImportError:  # pragma: no cover - older Triton: the launcher never asks for it
+    gdc_launch_dependents = None
+
 
 @triton.jit
 def blockdiag_kernel(
@@ -42,7 +47,11 @@ def blockdiag_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
+    if LAUNCH_DEPENDENTS:
+        # let the next kernel (launched with launch_pdl) be scheduled now; it waits for this one
+        gdc_launch_dependents()
     pid_m = tl.program_id(0)
     blk = tl.program_id(1)
     pid_n = tl.program_id(2)

@@ -37,6 +37,11 @@ stores ``y`` once. One launch.
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (sm_90+): in Triton 3.6 and 3.9
+    from triton.language.extra.cuda import gdc_wait
+except ImportError:  # pragma: no cover - older Triton: the launcher never asks for it
+    gdc_wait = None
+
 
 @triton.jit
 def _bit_as_float(word, bit):
@@ -45,9 +50,28 @@ def _bit_as_float(word, bit):
 
 
 @triton.jit
-def _token_fma(acc, x_row, xcols, x_ok, v0, v1, f00, f01, f10, f11, NT: tl.constexpr):
+def _dense_group(pr, word, bit00, bit01, bit10, bit11):
+    """Columns 0-1 (lo) and 2-3 (hi) of a group as 32-bit pairs of 16-bit weights, from its value pair.
+
+    Bits of the nibble: b00/b01 of i0 (0..2), b10/b11 of i1 (1..3). lo = [v0, v1] when (0, 1),
+    [v0, 0] when i0 = 0 < i1 - 1, [0, v0] when i0 = 1, 0 when i0 = 2; hi likewise from i1.
+    """
+    b00 = (word & bit00) != 0
+    b01 = (word & bit01) != 0
+    b10 = (word & bit10) != 0
+    b11 = (word & bit11) != 0
+    lo = tl.where(b00, pr << 16, tl.where(b01, 0, tl.where(b11, pr & 0xFFFF, pr)))
+    hi = tl.where(b01, pr, tl.where(b11, tl.where(b10, pr & -65536, (pr >> 16) & 0xFFFF), 0))
+    return lo, hi
+
+
+@triton.jit
+def _token_fma(acc, x_row, xcols, x_ok, v0, v1, f00, f01, f10, f11, NT: tl.constexpr, EVEN: tl.constexpr):
     """acc += v0·x[4g+i0] + v1·x[4g+i1] for one token; x_row points at the token's row."""
-    xv = tl.load(x_row + xcols, mask=x_ok, other=0.0).to(tl.float32)  # [NT, 16]
+    if EVEN:
+        xv = tl.load(x_row + xcols).to(tl.float32)  # [NT, 16]
+    else:
+        xv = tl.load(x_row + xcols, mask=x_ok, other=0.0).to(tl.float32)
     xa, xb = tl.split(tl.reshape(xv, (NT, 4, 2, 2)))
     x0, x2 = tl.split(xa)
     x1, x3 = tl.split(xb)
@@ -79,7 +103,6 @@ def _split_dot(z, b, acc, DOT_DTYPE: tl.constexpr, SPLIT: tl.constexpr):
 def sparse24_small_kernel(
     x_ptr,
     vals_ptr,
-    pairs_ptr,
     meta_ptr,
     a_ptr,
     bias_ptr,
@@ -110,7 +133,14 @@ def sparse24_small_kernel(
     X_SPLIT: tl.constexpr,
     Z_SPLIT: tl.constexpr,
     EPI_M: tl.constexpr,
+    EVEN: tl.constexpr,
+    PAIRS: tl.constexpr,
+    GDC_WAIT: tl.constexpr = False,
 ):
+    if GDC_WAIT:
+        # launched with launch_pdl behind the B-wrapper: wait until it has finished and its h is
+        # visible, before touching h, the workspace or the counters
+        gdc_wait()
     pid_o = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -126,8 +156,9 @@ def sparse24_small_kernel(
 
     v_lo = pid_k * VALS_PER_SPLIT
     v_hi = tl.minimum(v_lo + VALS_PER_SPLIT, N_VALS)
-    m_rows = meta_ptr + rows.to(tl.int64)[:, None, None] * stride_mo
-    rok3 = row_ok[:, None, None]
+    # rows the loops read: past the last row they repeat it, so the loads need no row mask
+    # (those rows are computed and dropped: every store is masked by row_ok)
+    rows_ld = tl.minimum(rows, D_OUT - 1).to(tl.int64)[:, None]
     # bits of the index pair of group q in the thread's 16-bit metadata word
     sh = 4 * q
     bit00 = (1 << sh)[None, None, :]
@@ -136,31 +167,38 @@ def sparse24_small_kernel(
     bit11 = (8 << sh)[None, None, :]
 
     ws_base = ws_ptr + (pid_m * SPLIT_K + pid_k).to(tl.int64) * BLOCK_M * D_OUT
+    # 16-bit values as 32-bit pairs (the row stride is even: the launcher checks)
+    pairs_ptr = vals_ptr.to(tl.pointer_type(tl.int32))
     if USE_DOT:
         # ---- tensor cores: dense 16-bit tile from 32-bit value pairs
-        # pairs_ptr: the same values viewed as int32, one word per group
-        p_rows = pairs_ptr + rows.to(tl.int64)[:, None, None] * (stride_vo // 2)
+        # the values viewed as int32: one word per group; 2-D loads as in the CUDA-core loop
+        kp = tl.arange(0, NT * 4)
+        kb = tl.arange(0, NT * 2)
+        p_rows2 = pairs_ptr + rows_ld * (stride_vo // 2)
+        m_rows2 = meta_ptr + rows_ld * stride_mo
         kk = tl.arange(0, NT * 16)
         mm = tl.arange(0, BLOCK_M)
         x_tok = x_ptr + (m0 + mm).to(tl.int64)[None, :] * stride_xm
         x_tok_ok = (m0 + mm < M)[None, :]
         acc = tl.zeros((BLOCK_O, BLOCK_M), dtype=tl.float32)
         for k0 in range(v_lo, v_hi, NT * 8):
-            g = k0 // 2 + t[:, None] * 4 + q[None, :]  # group index [NT, 4]
-            pr = tl.load(p_rows + g[None, :, :], mask=rok3 & (g < v_hi // 2)[None, :, :], other=0)
-            mbyte = k0 // 4 + 2 * t[:, None] + b2[None, :]  # [NT, 2]
-            mb = tl.load(m_rows + mbyte[None, :, :], mask=rok3 & (mbyte < N_META)[None, :, :], other=0)
+            poff = k0 // 2 + kp
+            moff = tl.max_contiguous(k0 // 4 + kb, 2)
+            cols = 2 * k0 + kk
+            if EVEN:
+                pr = tl.load(p_rows2 + poff[None, :])
+                mb = tl.load(m_rows2 + moff[None, :])
+                xt = tl.load(x_tok + cols[:, None] * stride_xk, mask=x_tok_ok, other=0.0)
+            else:
+                pr = tl.load(p_rows2 + poff[None, :], mask=(poff < v_hi // 2)[None, :], other=0)
+                mb = tl.load(m_rows2 + moff[None, :], mask=(moff < N_META)[None, :], other=0)
+                xt = tl.load(x_tok + cols[:, None] * stride_xk, mask=x_tok_ok & (cols < 2 * v_hi)[:, None], other=0.0)
+            pr = tl.reshape(pr, (BLOCK_O, NT, 4))
+            mb = tl.reshape(mb, (BLOCK_O, NT, 2))
             word = tl.sum(mb.to(tl.int32) << (8 * b2)[None, None, :], axis=2)[:, :, None]
-            nib = (word >> sh[None, None, :]) & 15
-            i0 = nib & 3
-            i1 = nib >> 2
-            # columns 0-1 and 2-3 of the group as 32-bit pairs of 16-bit weights
-            lo = tl.where(i0 == 0, tl.where(i1 == 1, pr, pr & 0xFFFF), tl.where(i0 == 1, pr << 16, 0))
-            hi = tl.where(i1 == 3, tl.where(i0 == 2, pr, pr & -65536), tl.where(i1 == 2, (pr >> 16) & 0xFFFF, 0))
+            lo, hi = _dense_group(pr, word, bit00, bit01, bit10, bit11)
             w = tl.join(tl.join(lo.to(tl.int16), hi.to(tl.int16)), tl.join((lo >> 16).to(tl.int16), (hi >> 16).to(tl.int16)))
             w = tl.reshape(w, (BLOCK_O, NT * 16)).to(vals_ptr.dtype.element_ty, bitcast=True).to(DOT_DTYPE)
-            cols = 2 * k0 + kk
-            xt = tl.load(x_tok + cols[:, None] * stride_xk, mask=x_tok_ok & (cols < 2 * v_hi)[:, None], other=0.0)
             if X_SPLIT:
                 xt = xt.to(tl.float32)
                 x_hi = xt.to(DOT_DTYPE)
@@ -171,8 +209,14 @@ def sparse24_small_kernel(
         tl.store(ws_base + mm[None, :] * D_OUT + rows[:, None], acc, mask=row_ok[:, None])
     else:
         # ---- CUDA cores: per-value column selection by arithmetic, up to 4 tokens
-        v_rows = vals_ptr + rows.to(tl.int64)[:, None, None] * stride_vo
-        e8 = tl.arange(0, 8)
+        # values and metadata are loaded as 2-D tiles (contiguous along the row, so every Triton
+        # version puts the lanes along the row), then viewed as [BLOCK_O, NT, 8] / [BLOCK_O, NT, 2]
+        kv = tl.arange(0, NT * 8)
+        kb = tl.arange(0, NT * 2)
+        kp = tl.arange(0, NT * 4)
+        v_rows = vals_ptr + rows_ld * stride_vo
+        p_rows2 = pairs_ptr + rows_ld * (stride_vo // 2)
+        m_rows2 = meta_ptr + rows_ld * stride_mo
         xk = (t[:, None] * 16 + c16[None, :]) * stride_xk  # [NT, 16] column offsets inside a chunk
         x0_row = x_ptr + m0.to(tl.int64) * stride_xm
         acc0 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
@@ -180,30 +224,49 @@ def sparse24_small_kernel(
         acc2 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
         acc3 = tl.zeros((BLOCK_O, NT, 4), dtype=tl.float32)
         for k0 in range(v_lo, v_hi, NT * 8):
-            voff = k0 + t[:, None] * 8 + e8[None, :]  # [NT, 8]
-            v = tl.load(v_rows + voff[None, :, :], mask=rok3 & (voff < v_hi)[None, :, :], other=0.0)
-            v0, v1 = tl.split(tl.reshape(v.to(tl.float32), (BLOCK_O, NT, 4, 2)))
-            # bytes past the split's end are harmless (their values load as 0); only the row end is masked
-            mbyte = k0 // 4 + 2 * t[:, None] + b2[None, :]  # [NT, 2]
-            mb = tl.load(m_rows + mbyte[None, :, :], mask=rok3 & (mbyte < N_META)[None, :, :], other=0)
+            voff = k0 + kv
+            poff = k0 // 2 + kp
+            # 2 metadata bytes per thread: the same 8 lanes along the row as the 16-byte value loads
+            moff = tl.max_contiguous(k0 // 4 + kb, 2)
+            if EVEN:
+                mb = tl.load(m_rows2 + moff[None, :])
+            else:
+                # bytes past the split's end are harmless (their values load as 0)
+                mb = tl.load(m_rows2 + moff[None, :], mask=(moff < N_META)[None, :], other=0)
+            if PAIRS:
+                # 16-bit weights: a value pair is one 32-bit word; bf16 -> fp32 is a shift (low) or a mask (high)
+                if EVEN:
+                    pr = tl.load(p_rows2 + poff[None, :])
+                else:
+                    pr = tl.load(p_rows2 + poff[None, :], mask=(poff < v_hi // 2)[None, :], other=0)
+                pr = tl.reshape(pr, (BLOCK_O, NT, 4))
+                if vals_ptr.dtype.element_ty == tl.bfloat16:
+                    v0 = (pr << 16).to(tl.float32, bitcast=True)
+                    v1 = (pr & -65536).to(tl.float32, bitcast=True)
+                else:
+                    v0 = pr.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    v1 = (pr >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            else:
+                if EVEN:
+                    v = tl.load(v_rows + voff[None, :])
+                else:
+                    v = tl.load(v_rows + voff[None, :], mask=(voff < v_hi)[None, :], other=0.0)
+                v0, v1 = tl.split(tl.reshape(v.to(tl.float32), (BLOCK_O, NT, 4, 2)))
+            mb = tl.reshape(mb, (BLOCK_O, NT, 2))
             word = tl.sum(mb.to(tl.int32) << (8 * b2)[None, None, :], axis=2)[:, :, None]
             f00 = _bit_as_float(word, bit00)
             f01 = _bit_as_float(word, bit01)
             f10 = _bit_as_float(word, bit10)
             f11 = _bit_as_float(word, bit11)
             xcols = 2 * k0 * stride_xk + xk
-            x_ok = (2 * k0 + t[:, None] * 16 + c16[None, :]) < 2 * v_hi
+            x_ok = (2 * k0 + t[:, None] * 16 + c16[None, :]) < 2 * v_hi  # unused (removed) when EVEN
             tz = m0 + 0 * t[:, None]  # token index as a tensor (a scalar compare is not a mask)
-            acc0 = _token_fma(acc0, x0_row, xcols, x_ok & (tz < M), v0, v1, f00, f01, f10, f11, NT)
+            acc0 = _token_fma(acc0, x0_row, xcols, x_ok & (tz < M), v0, v1, f00, f01, f10, f11, NT, EVEN)
             if BLOCK_M > 1:
-                acc1 = _token_fma(acc1, x0_row + stride_xm, xcols, x_ok & (tz + 1 < M), v0, v1, f00, f01, f10, f11, NT)
+                acc1 = _token_fma(acc1, x0_row + stride_xm, xcols, x_ok & (tz + 1 < M), v0, v1, f00, f01, f10, f11, NT, EVEN)
             if BLOCK_M > 2:
-                acc2 = _token_fma(
-                    acc2, x0_row + 2 * stride_xm, xcols, x_ok & (tz + 2 < M), v0, v1, f00, f01, f10, f11, NT
-                )
-                acc3 = _token_fma(
-                    acc3, x0_row + 3 * stride_xm, xcols, x_ok & (tz + 3 < M), v0, v1, f00, f01, f10, f11, NT
-                )
+                acc2 = _token_fma(acc2, x0_row + 2 * stride_xm, xcols, x_ok & (tz + 2 < M), v0, v1, f00, f01, f10, f11, NT, EVEN)
+                acc3 = _token_fma(acc3, x0_row + 3 * stride_xm, xcols, x_ok & (tz + 3 < M), v0, v1, f00, f01, f10, f11, NT, EVEN)
         _store_partial(ws_base, rows, row_ok, acc0)
         if BLOCK_M > 1:
             _store_partial(ws_base + D_OUT, rows, row_ok, acc1)

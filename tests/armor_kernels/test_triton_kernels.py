@@ -15,6 +15,10 @@ tb = pytest.importorskip("armor_kernels.backends.triton")
 if tb.IMPORT_ERROR:
     pytest.skip(f"triton unavailable: {tb.IMPORT_ERROR}", allow_module_level=True)
 
+# Under the interpreter an out-of-bounds read returns whatever lies in host memory, which usually
+# overflows somewhere in numpy: make that fail the test instead of a warning.
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 EPS = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -195,6 +199,30 @@ def test_sparse24_16bit_every_output_block_odd_groups(b_out, use_dot):
     assert_matches(got, exact, same, torch.bfloat16, f"b_out={b_out} use_dot={use_dot} tokens={tokens}")
 
 
+@pytest.mark.parametrize("use_dot", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,split,fuse", [(1, 1, True), (2, 2, True), (4, 2, False), (3, 2, True), (17, 2, False)])
+def test_sparse24_even_tiles_unmasked_loop(dtype, tokens, split, fuse, use_dot):
+    # d_out = 128 rows in whole tiles, d_in = 256 (two full 64-value steps): both main loops run without
+    # masks (EVEN), except the CUDA-core loop when its token tile is partial (3 of 4 tokens, 17 = 4 x 4 + 1)
+    d_out = 128 if fuse else 32
+    w = rand_weights(d_out, 256, 32, 4, dtype=dtype, bias=tokens != 2)
+    x = torch.randn(tokens, 256, device=DEVICE)
+    a = w.a if fuse else None
+    dot = use_dot and dtype != torch.float32
+    plan = tb._sparse_plan(tokens, d_out, 256, 32 if fuse else None, dtype, x.dtype, 4, use_dot, split)
+    assert plan["meta"]["USE_DOT"] == dot and plan["grid"][1] == split
+    assert plan["meta"]["EVEN"] == (dot or tokens not in (3, 17))
+    assert plan["meta"]["PAIRS"] == (dtype != torch.float32)
+    got, big = poisoned_view(tokens, d_out, dtype)
+    tb.sparse24_small(x, w.values, w.meta, a=a, bias=w.bias, out=got, use_dot=use_dot, split_k=split)
+    assert_margins_untouched(big, tokens, d_out)
+    bias64 = None if w.bias is None else w.bias.double()
+    z = reference.sparse24_matmul(x.double(), w.values.double(), w.meta, None if fuse else bias64)
+    exact = reference.blockdiag_matmul(z, w.a.double(), bias64) if fuse else z
+    assert_matches(got, exact, sparse_same_dtype(x.to(dtype), w, a, w.bias), dtype, f"{dtype} T={tokens}")
+
+
 def test_sparse24_plan_is_cached_and_uses_no_triton_helpers(monkeypatch):
     # the hot path: a repeated shape computes no tile sizes or grids and calls no triton.cdiv
     w = rand_weights(32, 48, 16, 4)
@@ -273,6 +301,36 @@ def test_decode_layer_dtypes(dtype, tokens):
     tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias, out=got)
     assert_margins_untouched(big, tokens, 64)
     assert_matches(got, layer_exact(x, w), layer_same_dtype(x, w), dtype, f"{dtype} tokens={tokens}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_layer_hot_path_repeats_the_checked_result(dtype, monkeypatch):
+    # the second call with the same shapes skips the checks and the public launchers: same results,
+    # new weights and inputs every call (nothing but shapes may be cached), leading dims and out= views
+    w1 = rand_weights(128, 256, 32, 16, dtype=dtype)
+    x1 = torch.randn(2, 3, 256, device=DEVICE).to(dtype)
+    x1_2d = x1.reshape(6, 256)
+    first = tb.decode_layer(x1, w1.a, w1.values, w1.meta, w1.b, w1.bias)
+    assert first.shape == (2, 3, 128)
+    assert_matches(first.reshape(6, 128), layer_exact(x1_2d, w1), layer_same_dtype(x1_2d, w1), dtype, "checked")
+    out, _ = poisoned_view(6, 128, dtype)
+    tb.decode_layer(x1_2d, w1.a, w1.values, w1.meta, w1.b, w1.bias, out=out)  # plans the 2-D, out= key
+
+    def checked(*a, **k):
+        raise AssertionError("the hot path called a checked launcher")
+
+    monkeypatch.setattr(tb, "blockdiag", checked)
+    monkeypatch.setattr(tb, "sparse24_small", checked)
+    for _ in range(2):
+        w = rand_weights(128, 256, 32, 16, dtype=dtype)
+        x = torch.randn(2, 3, 256, device=DEVICE).to(dtype)
+        got = tb.decode_layer(x, w.a, w.values, w.meta, w.b, w.bias)
+        x2 = x.reshape(6, 256)
+        assert_matches(got.reshape(6, 128), layer_exact(x2, w), layer_same_dtype(x2, w), dtype, "hot path")
+    out2, big2 = poisoned_view(6, 128, dtype)
+    tb.decode_layer(x1_2d, w1.a, w1.values, w1.meta, w1.b, w1.bias, out=out2)
+    assert_margins_untouched(big2, 6, 128)
+    torch.testing.assert_close(out2, first.reshape(6, 128), rtol=0, atol=0)
 
 
 def test_decode_layer_unfused_output_wrapper(monkeypatch):

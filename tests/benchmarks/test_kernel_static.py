@@ -41,6 +41,9 @@ def test_sass_loop_and_classes(monkeypatch):
     # issue: 5 warp-instructions; the lsu pipe needs 2 / 0.25 = 8 cycles: the bound is the slower
     assert ss.issue_cycles(c, "sm_90a") == 8.0
     assert ss.issue_cycles(Counter(total=10, fma=10), "sm_80") == 20.0  # A100: half-rate FP32 per partition
+    # H200: 10 FFMA + 10 IMAD fit the FMA pipe in 20 cycles, but IMAD alone runs at half rate
+    assert ss.issue_cycles(Counter(total=20, fma=20, imad=10), "sm_90a") == 20.0
+    assert ss.issue_cycles(Counter(total=20, fma=20, imad=16), "sm_90a") == 32.0
 
 
 def test_occupancy_limits():
@@ -65,3 +68,5 @@ def test_smoke_compiles_every_decode_kernel_for_both_targets():
     for line in lines:
         assert "2 launches" in line and "predicted" in line, line
     assert any(line.startswith("H200") for line in lines) and any(line.startswith("A100") for line in lines)
+    # the opt-in programmatic-dependent-launch variant compiles, with both grid-dependency instructions
+    assert "programmatic dependent launch" in p.stdout and "PREEXIT in blockdiag, ACQBULK in sparse24_small" in p.stdout
