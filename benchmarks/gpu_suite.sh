@@ -18,15 +18,17 @@
 #                     cuSPARSELt vs the reference; bias, alpha, CUDA graphs
 #   kernels      100  Llama-3-8B's 4 layer shapes, bf16, 1 / 16 / 2048 tokens:   est. 50-70 s (~88 timed points
 #                     dense, plain 2:4, ARMOR per backend and layout            at 40 ms, searches, compiles)
-#   e2e           90  Llama-3-8B-shaped model, 4 layers: decode under CUDA      est. 40-60 s
+#   e2e           85  Llama-3-8B-shaped model, 4 layers: decode under CUDA      est. 40-60 s
 #                     graphs (batch 1, 16), prefill 2048; dense, ARMOR (one copy
 #                     and + cuSPARSELt copy), plain 2:4; weights + resident memory
+#   launch        15  per-launch cost under graph replay (empty-kernel chain) and  est. 8-12 s
+#                     the decode layer with PDL off/on (replaces the static model's 1 µs assumption)
 #   pytest_gpu    30  the GPU-marked tests                                       est. 20-35 s
-#   kernels_more  20  more shapes (Qwen2.5, Llama-2, SmolLM2 MLP), while time remains
+#   kernels_more  10  more shapes (Qwen2.5, Llama-2, SmolLM2 MLP), while time remains
 #   plot          15  speedup PNG and the target table                          est. 3-5 s
 # Then the summary table is printed last (also summary.txt).
-# Output, all directly in OUT_DIR (6 files): summary.txt, suite.log, env.txt, kernels.csv,
-# e2e.csv, speedup.png. SUITE_SMOKE=1: a CPU dry run of the same plumbing in seconds (tiny
+# Output, all directly in OUT_DIR (7 files): summary.txt, suite.log, env.txt, kernels.csv,
+# e2e.csv, launch.csv, speedup.png. SUITE_SMOKE=1: a CPU dry run of the same plumbing in seconds (tiny
 # shapes, no build, GPU-only steps skipped), exercised by the tests; its budgets are scaled by
 # SUITE_BUDGET_SCALE (default 5 in a dry run, 1 otherwise: a busy CPU imports slower).
 set -u
@@ -145,9 +147,10 @@ step build         40 build
 step check_triton  45 gpu_only "$PY" -m benchmarks.check_triton_gpu --quick
 step check_cuda    35 gpu_only "$PY" -m benchmarks.check_cuda_ext --no-build --budget-s 20
 step kernels      100 kernels
-step e2e           90 e2e
+step e2e           85 e2e
+step launch        15 gpu_only "$PY" -m benchmarks.launch_cost --out "$OUT/launch.csv"
 step pytest_gpu    30 gpu_only "$PY" -m pytest -m gpu -q -p no:cacheprovider tests
-step kernels_more  20 gpu_only kernels_more
+step kernels_more  10 gpu_only kernels_more
 step plot          15 plot
 
 {

@@ -80,3 +80,12 @@ def test_dry_run_names_the_commit_without_git(dry_run):
     for csv_name in ("kernels.csv", "e2e.csv"):
         rows = common.read_csv(out / csv_name)
         assert rows and {r["commit"] for r in rows} == {"c0ffee12"}
+
+
+def test_launch_cost_refuses_without_a_gpu(capsys):
+    from benchmarks import launch_cost
+
+    if launch_cost.torch.cuda.is_available():
+        pytest.skip("a GPU is present: the suite's launch step measures it")
+    assert launch_cost.main(["--out", os.devnull]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
