@@ -48,7 +48,7 @@ def check_column(name: str, rows: int, block_out: int, degree: int, local_rows: 
         raise ShardingError(
             f"{name}: tensor-parallel degree {degree} gives {local_rows} of its {rows} output rows per rank, "
             f"which cuts its output wrapper A (block size {block_out}); column-parallel ranks need whole A blocks: "
-            f"degrees that divide its {rows // block_out} blocks ({_degrees(rows // block_out)}) work for this layer"
+            f"degrees {_degrees(rows // block_out)} (the divisors of its {rows // block_out} A blocks) work for this layer"
         )
 
 
@@ -83,3 +83,68 @@ def local_part(key: str, t: torch.Tensor, split: str, index: int, local: int) ->
         per, dim = {"values": 2, "meta": META_INPUTS_PER_BYTE, "b": t.shape[-1]}[key], SPLIT_COLS[key]
     n = local // per
     return t.narrow(dim, index * n, n)
+
+
+def _refusal(check, *args) -> str:
+    try:
+        check(*args)
+    except ShardingError as e:
+        return str(e)
+    return ""
+
+
+def _block_sizes(qc: dict, leaf: str) -> set[tuple[int, int]]:
+    """Every (b_out, b_in) the checkpoint uses for projections named ``leaf`` (default and per-layer sizes)."""
+    from ..checkpoint import check_quantization_config
+
+    blocks = check_quantization_config(qc)
+    sizes = {s for name, s in blocks["layers"].items() if name.rsplit(".", 1)[-1] == leaf}
+    return sizes | ({blocks["default"]} if blocks["default"] else set())
+
+
+def why_not(config: dict, degree: int) -> str:
+    """Why a Llama-like checkpoint (its config.json as a dict) cannot run at ``degree``; "" when it can.
+
+    vLLM's own rules first (attention heads divide evenly, KV heads divide or are replicated), then
+    ARMOR's: whole ``A`` blocks per rank for q/k/v/gate/up, whole ``B`` blocks and metadata bytes for
+    o/down, for every block size the checkpoint uses for that projection.
+    """
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    hd = config.get("head_dim") or hidden // heads
+    if heads % degree:
+        return f"vLLM: {heads} attention heads do not split over {degree} ranks"
+    if kv % degree and degree % kv:
+        return f"vLLM: {kv} KV heads neither split over nor replicate onto {degree} ranks"
+    qc = config["quantization_config"]
+    kv_rows = kv * hd // degree if degree <= kv else hd  # one head per rank once replicated
+    column = {"q_proj": (heads * hd, heads * hd // degree), "k_proj": (kv * hd, kv_rows),
+              "v_proj": (kv * hd, kv_rows), "gate_proj": (inter, inter // degree), "up_proj": (inter, inter // degree)}
+    row = {"o_proj": heads * hd, "down_proj": inter}
+    for leaf, (rows, local) in column.items():
+        for bo, _ in sorted(_block_sizes(qc, leaf)):
+            if why := _refusal(check_column, leaf, rows, bo, degree, local):
+                return why
+    for leaf, cols in row.items():
+        for _, bi in sorted(_block_sizes(qc, leaf)):
+            if why := _refusal(check_row, leaf, cols, bi, degree):
+                return why
+    return ""
+
+
+def main(argv=None) -> int:
+    """``python -m armor_runtime.vllm.sharding CHECKPOINT [MAX_DEGREE]``: the degrees it allows, and why not the rest."""
+    import json
+    import sys
+    from pathlib import Path
+
+    args = sys.argv[1:] if argv is None else argv
+    config = json.loads((Path(args[0]) / "config.json").read_text())
+    for degree in range(1, (int(args[1]) if len(args) > 1 else 8) + 1):
+        why = why_not(config, degree)
+        print(f"tensor-parallel degree {degree}: " + (f"no: {why}" if why else "yes"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

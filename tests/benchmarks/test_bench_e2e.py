@@ -80,13 +80,13 @@ def test_variants_run_in_order_each_from_the_dense_model(smoke_rows):
     assert [r["status"] for r in timed] == ["ok", "unavailable", "ok"]  # eager, cuda_graph, prefill
 
 
-def test_armor_rows_are_labelled_cpu_reference_and_timed(smoke_rows):
+def test_armor_rows_are_labelled_with_the_cpu_backend_and_timed(smoke_rows):
     _, rows = smoke_rows
     for variant in ("armor", "armor_cslt"):
         timed = [r for r in rows if r["variant"] == variant and r["phase"] in ("prefill", "decode") and r["status"] == "ok"]  # fmt: skip
         assert len(timed) == 2  # prefill, decode eager
         for r in timed:
-            assert r["impl"] == "cpu reference"
+            assert r["impl"] == "armor_linear via cpu_dense"
             assert _f(r["tokens_per_s"]) > 0
 
 
