@@ -24,14 +24,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    from armor_runtime.loading import load_model
     from armor_solver import data, evaluate, models
 
     check_device(args.device)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be at least 1")
     corpus = data.load_corpus(args.text)
-    model, tokenizer, source = models.load_model(args.model, dtype=torch_dtype(args.dtype),
-                                                 trust_remote_code=args.trust_remote_code)
+    model, tokenizer, source = load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
     limit = models.max_positions(model)
     if limit is not None and args.seqlen > limit:
         raise ValueError(f"--seqlen {args.seqlen} exceeds the model's max_position_embeddings = {limit}")

@@ -24,14 +24,13 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import torch
 
-    from armor_solver import models
+    from armor_runtime.loading import load_model
 
     check_device(args.device)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     torch.manual_seed(args.seed)
-    model, tokenizer, _ = models.load_model(args.model, dtype=torch_dtype(args.dtype),
-                                            trust_remote_code=args.trust_remote_code)
+    model, tokenizer, _ = load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
     model = model.to(args.device).eval()
     prompt = args.prompt
     if args.chat and getattr(tokenizer, "chat_template", None):

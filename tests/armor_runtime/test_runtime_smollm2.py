@@ -53,8 +53,9 @@ def test_smollm2_prune_save_fresh_reload_same_perplexity(tmp_path):
     from armor_runtime.checkpoint import load_pretrained, save_pretrained
     from armor_runtime.convert import convert_model
     from armor_runtime.hf_quantizer import ArmorCheckpointError
-    from armor_runtime.sizes import load_smollm2, nowag_p_weights
-    from armor_runtime.targets import default_targets
+    from armor_solver.targets import default_targets
+    from benchmarks.sizes import load_smollm2
+    from tests.helpers import nowag_p_weights
 
     try:
         model, tokenizer = load_smollm2(torch.float32)  # fp32: the fast CPU path
