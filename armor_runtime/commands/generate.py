@@ -4,21 +4,19 @@ from __future__ import annotations
 
 import time
 
-from ._common import DTYPES, add_trust_remote_code, check_device, torch_dtype
+from ._common import add_model_arguments, check_device, torch_dtype
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help='checkpoint directory (ARMOR or plain Hugging Face), .gguf file or "smollm2-135m"')
+    add_model_arguments(parser, 'checkpoint directory (ARMOR or plain Hugging Face), .gguf file or "smollm2-135m"',
+                        "auto: the checkpoint's dtype")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the checkpoint's dtype")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    add_trust_remote_code(parser)
 
 
 def run(args) -> int:
