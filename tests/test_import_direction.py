@@ -56,3 +56,15 @@ def test_the_rule_sees_lazy_relative_and_dynamic_imports():
               "    importlib.import_module('benchmarks.common')\n    importlib.import_module(f'armor_runtime.{name}')\n")
     names = [name for _, name in _imports(source, "armor_solver.methods")]
     assert names == ["armor_solver.methods", "armor_solver.kernels", "armor_runtime", "benchmarks.common", "armor_runtime"]
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_heavy_frameworks_stay_where_they_belong(path):
+    """transformers never in armor_kernels; vllm only in the plugin (armor_runtime/vllm) and the benchmarks."""
+    rel = path.relative_to(ROOT)
+    package = ".".join(rel.parts[:-1])
+    names = {name.split(".")[0] for _, name in _imports(path.read_text(encoding="utf-8"), package)}
+    if rel.parts[0] == "armor_kernels":
+        assert "transformers" not in names, f"{rel} imports transformers"
+    if rel.parts[0] != "benchmarks" and rel.parts[:2] != ("armor_runtime", "vllm"):
+        assert "vllm" not in names, f"{rel} imports vllm outside the plugin"
