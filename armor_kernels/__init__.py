@@ -5,7 +5,7 @@ Importing never fails for want of a GPU, Triton or the compiled extension.
 
 from . import dispatch, reference, sparse24
 from ._ops import armor_linear, blockdiag_matmul, sparse24_matmul
-from .formats import FORMAT_VERSION, ArmorFormatError, ArmorWeights, choose_block_size, valid_block_sizes
+from .formats import FORMAT_VERSION, ArmorFormatError, ArmorWeights, choose_block_size, layer_bytes, valid_block_sizes
 from .sparse24 import Sparse24Error
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "blockdiag_matmul",
     "choose_block_size",
     "dispatch",
+    "layer_bytes",
     "reference",
     "sparse24",
     "sparse24_matmul",

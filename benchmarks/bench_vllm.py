@@ -41,7 +41,7 @@ def prune(source: Path, out: Path, method: str, extra: list[str]) -> Path:
 
 
 def smollm2_checkpoints(work: Path) -> dict[str, Path]:
-    from armor_runtime.sizes import write_bf16_source
+    from benchmarks.sizes import write_bf16_source
 
     source = write_bf16_source(work / "smollm2-dense-bf16")
     return {"dense": source, "plain24": prune(source, work / "smollm2-nowag-p", "nowag-p", []),

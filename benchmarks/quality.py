@@ -26,9 +26,10 @@ import time
 
 import torch
 
-from armor_solver import calibration, data, evaluate, models
+from armor_runtime.loading import load_model
+from armor_solver import calibration, data, evaluate
 from armor_solver import methods as registry
-from armor_solver.pipeline import PruneSettings, materialize_into, prune_model
+from armor_solver.pipeline import Calibration, PruneSettings, materialize_into, prune_model
 
 ALL_METHODS = ("magnitude", "wanda", "sparsegpt", "nowag-p", "armor")
 # --demo: 9.5 min wall on 2 CPU cores in total (measured, 1,068 CPU-seconds)
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         registry.module(m)  # unknown or missing methods fail now, not after an hour
     t_start = time.time()
 
-    model, tokenizer, source = models.load_model(args.model)
+    model, tokenizer, source = load_model(args.model)
     corpus = data.load_corpus(args.text)
     calib = data.calibration_ids(tokenizer, corpus, args.nsamples, args.seqlen)
     windows = data.evaluation_ids(tokenizer, corpus, args.windows, args.eval_seqlen)
@@ -145,8 +146,8 @@ def main(argv=None) -> int:
             iters=args.iters if method == "armor" else None, text=corpus.source,
             extra=armor_extra(args) if method == "armor" else {},
         )
-        result = prune_model(pruned, tokenizer, settings, device=args.device, calib_ids=calib,
-                             dense_stats=dense_stats, log=lambda s: None, save=False)
+        result = prune_model(pruned, tokenizer, settings, device=args.device,
+                             calib=Calibration(ids=calib, dense_stats=dense_stats), log=lambda s: None)
         materialize_into(pruned, result.weights)
         ppl = evaluate.perplexity(pruned, windows)["ppl"]
         reduction = relative_reduction(result.layers)

@@ -36,9 +36,10 @@ MILESTONES = (350, 2000, 20000)
 
 def calibrate(names: list[str], nsamples: int, seqlen: int):
     """(weights, LayerStats) of the named linears from a dense calibration pass."""
-    from armor_solver import calibration, data, models
+    from armor_runtime.loading import load_model
+    from armor_solver import calibration, data
 
-    model, tok, _ = models.load_model("smollm2-135m")
+    model, tok, _ = load_model("smollm2-135m")
     ids = data.calibration_ids(tok, data.load_wikipedia(), nsamples, seqlen)
     last = max(int(n.split(".")[2]) for n in names)
     ignore = [f"*.layers.{i}.*" for i in range(last + 1, 1000)]  # stop after the last needed block

@@ -34,9 +34,9 @@ from vllm.model_executor.utils import set_weight_attrs
 
 import armor_kernels
 from armor_kernels import ArmorWeights, dispatch, sparse24
+from armor_solver.targets import is_target
 
 from ..checkpoint import check_quantization_config
-from ..targets import is_target
 from . import QUANT_METHOD, sharding
 
 # vLLM's fused layers and the checkpoint layers they hold, in shard order (models add theirs at init)

@@ -124,16 +124,15 @@ def prune(weight: torch.Tensor, stats, cfg: PruneConfig | None = None) -> Method
         sweeps = _option(extra, "sweeps", cfg.iters if cfg.iters is not None else armor_exact.DEFAULT_SWEEPS, int)
         cg_steps = _option(extra, "cg_steps", armor_exact.CG_STEPS, int)
         stop_below = _option(extra, "stop_below", None, float)
-        a, s, mask, b, loss, trace = armor_exact.fit_exact(
-            prob, a, s, mask, b, sweeps, time_budget, cg_steps, stop_below=stop_below
-        )
-        iters, losses = len(trace), [l for _, l in trace]
+        fit = armor_exact.fit_exact(prob, a, s, mask, b, sweeps, time_budget, cg_steps, stop_below=stop_below)
+        losses = [l for _, l in fit.trace]
     else:
         n_iter = cfg.iters if cfg.iters is not None else armor_adam.DEFAULT_ITERS
         lr = _option(extra, "lr", armor_adam.LR, float)
         seed = _option(extra, "seed", 0, int)
-        a, s, mask, b, loss, trace, iters = armor_adam.fit_adam(prob, a, s, mask, b, n_iter, time_budget, lr, seed)
-        losses = [l for _, l in trace[::10]]
+        fit = armor_adam.fit_adam(prob, a, s, mask, b, n_iter, time_budget, lr, seed)
+        losses = [l for _, l in fit.trace[::10]]
+    a, s, mask, b, loss = fit.a, fit.s, fit.mask, fit.b, fit.loss
     if not loss <= init_loss:  # cannot happen (both solvers keep the best state); guards the theorem
         raise RuntimeError(f"ARMOR: fitted loss {loss} above the NoWag-P start {init_loss}")
 
@@ -147,8 +146,8 @@ def prune(weight: torch.Tensor, stats, cfg: PruneConfig | None = None) -> Method
         "proxy_loss_deployed": _deployed_loss(prob, packed, r, c),
         "init_loss": init_loss,
         "losses": losses,
-        "trace": trace,
-        "iters": iters,
+        "trace": fit.trace,
+        "iters": fit.iters,
         "seconds": time.perf_counter() - t0,
         "solver": solver,
         "block_out": bo,

@@ -10,7 +10,6 @@ checkpoint; vLLM's OpenAI server (``vllm serve``'s) must answer a completion on 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -23,20 +22,13 @@ import pytest
 import torch
 
 from benchmarks import vllm_env
+from tests.helpers import byte_tokenizer, make_text, tiny_model
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(3600)]
 
-HERE = Path(__file__).resolve().parent
 PROMPTS = [[10, 20, 30, 40, 50], [200, 7, 99]]
 NEW_TOKENS = 12
 ENGINE_TIMEOUT_S = 900  # one engine start is 60-100 s on 2 shared cores; the first compiles
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +42,12 @@ def vllm_python() -> Path:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[int, Path]:
     """{block size: ARMOR checkpoint of the tiny Llama, written by `armor prune`}."""
-    solver = _load(HERE.parent / "armor_solver" / "conftest.py", "solver_fixtures")
     root = tmp_path_factory.mktemp("vllm_models")
     src = root / "src"
-    solver.tiny_model("llama", hidden=128, layers=2, max_pos=256).save_pretrained(src)
-    solver.byte_tokenizer().save_pretrained(src)
+    tiny_model("llama", hidden=128, layers=2, max_pos=256).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
     text = root / "corpus.txt"
-    text.write_text(solver.make_text(), encoding="utf-8")
+    text.write_text(make_text(), encoding="utf-8")
     out = {}
     for block in (16, 64):
         out[block] = root / f"armor{block}"
