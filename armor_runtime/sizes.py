@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from armor_kernels import ArmorWeights, choose_block_size, sparse24
+from armor_kernels import ArmorWeights, block_pair, sparse24
 
 
 def layer_bytes(d_out: int, d_in: int, block_out: int, block_in: int, elem: int = 2) -> dict[str, int]:
@@ -165,8 +165,7 @@ def nowag_p_weights(model: nn.Module, targets, block: int = 128, h: dict | None 
         col = wf.norm(dim=0) + 1e-5
         score = (wf / col).square() * (h[name] if h and name in h else 1.0)
         mask = sparse24.topk_mask(score)
-        bo = choose_block_size(w.shape[0], block)
-        bi = choose_block_size(w.shape[1], block, multiple_of=4)
+        bo, bi = block_pair(w.shape[0], w.shape[1], block)
         bias = None if m.bias is None else m.bias.detach()
         out[name] = ArmorWeights.from_dense((w * mask).to(dtype or w.dtype), bo, bi, bias=bias, mask=mask)
     return out

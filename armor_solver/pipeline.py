@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from armor_kernels import ArmorWeights, choose_block_size, reference, sparse24
+from armor_kernels import WRAPPER_BUDGET, ArmorWeights, block_pair, reference, sparse24
 from armor_kernels.formats import ArmorFormatError
 
 from . import calibration, data, outputs
@@ -53,7 +53,8 @@ class PruneSettings:
     method: str
     nsamples: int = 128
     seqlen: int = 2048
-    block_size: int = 128
+    block_size: int | None = 128  # None: per layer, the largest blocks within wrapper_budget (armor_kernels.block_pair)
+    wrapper_budget: float = WRAPPER_BUDGET
     iters: int | None = None
     text: str = "wikipedia (bundled)"
     targets: list[str] | None = None
@@ -67,12 +68,15 @@ class PruneSettings:
         prop = self.propagation or registry.propagation(self.method)  # an unknown method raises here
         if prop not in ("dense", "sequential"):
             raise PipelineError(f"propagation {prop!r}: choose 'dense' or 'sequential'")
-        for name, value, least in (("nsamples", self.nsamples, 1), ("seqlen", self.seqlen, 2), ("block_size", self.block_size, 4)):
+        sizes = (("nsamples", self.nsamples, 1), ("seqlen", self.seqlen, 2), ("block_size", self.block_size, 4))
+        for name, value, least in sizes if self.block_size is not None else sizes[:2]:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 why = " (input blocks hold whole 2:4 groups)" if name == "block_size" else ""
                 raise PipelineError(f"--{name.replace('_', '-')} {value!r}: must be an integer of at least {least}{why}")
         if self.iters is not None and (isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0):
             raise PipelineError(f"--iters {self.iters!r}: must be an integer of at least 0")
+        if isinstance(self.wrapper_budget, bool) or not isinstance(self.wrapper_budget, (int, float)) or not self.wrapper_budget > 0:
+            raise PipelineError(f"--wrapper-budget {self.wrapper_budget!r}: must be a number above 0 (a share of each layer)")
         if self.dtype and self.dtype not in SAVE_DTYPES:
             raise PipelineError(f"--dtype {self.dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
         registry.check_options(self.method, self.extra, near=tuple(f.name for f in fields(PruneSettings)))
@@ -96,15 +100,14 @@ class PipelineResult:
 
 
 # ---- validation ------------------------------------------------------------------
-def check_block_sizes(by_block, block_size: int) -> None:
+def check_block_sizes(by_block, block_size: int | None, budget: float = WRAPPER_BUDGET) -> None:
     """Every target must have a valid block size on both sides, checked before any work."""
     for linears in by_block.values():
         for name, m in linears.items():
             try:
                 if m.in_features % 4:
                     raise ArmorFormatError(f"d_in = {m.in_features} is not a multiple of 4 (2:4 groups)")
-                choose_block_size(m.out_features, block_size)
-                choose_block_size(m.in_features, block_size, 4)
+                block_pair(m.out_features, m.in_features, block_size, budget)
             except ArmorFormatError as e:
                 raise PipelineError(f"{name} [{m.out_features}x{m.in_features}]: no valid block size: {e}") from None
 
@@ -267,7 +270,7 @@ def _wrapper_warning(by_block, settings: PruneSettings, elem: int) -> str | None
     big = []
     for linears in by_block.values():
         for name, m in linears.items():
-            bo, bi = block_sizes(m.out_features, m.in_features, settings.block_size)
+            bo, bi = block_sizes(m.out_features, m.in_features, settings.block_size, settings.wrapper_budget)
             wrappers, core = wrapper_excess(m.out_features, m.in_features, bo, bi, elem)
             if wrappers > core:
                 big.append(f"{name} [{m.out_features}x{m.in_features}] blocks {bo}/{bi}: wrappers {wrappers:,} B > core {core:,} B")
@@ -311,7 +314,7 @@ def _prune(model, tokenizer, settings, out_dir, progress, device, corpus, calib_
     log = log or tqdm.write
     settings_dict = asdict(settings)
     prune_fn = registry.get(settings.method)
-    full = registry.needs_xtx(settings.method)
+    full = registry.needs_xtx(settings.method, settings.extra)
 
     limit = max_positions(model)
     if limit is not None and settings.seqlen > limit:
@@ -320,7 +323,7 @@ def _prune(model, tokenizer, settings, out_dir, progress, device, corpus, calib_
         by_block = calibration.find_targets(model, settings.targets, settings.ignore)
     except ValueError as e:
         raise PipelineError(str(e)) from None
-    check_block_sizes(by_block, settings.block_size)
+    check_block_sizes(by_block, settings.block_size, settings.wrapper_budget)
     check_finite_weights(by_block)
     save_dtype = getattr(torch, settings.dtype) if settings.dtype else None
     first = next(iter(next(iter(by_block.values())).values()))
@@ -353,7 +356,8 @@ def _prune(model, tokenizer, settings, out_dir, progress, device, corpus, calib_
         _remove_temp_files(partial)
         _atomic_json(os.path.join(partial, PROGRESS), progress)
 
-    cfg = PruneConfig(block_size=settings.block_size, iters=settings.iters, device=device, extra=dict(settings.extra))
+    cfg = PruneConfig(block_size=settings.block_size, wrapper_budget=settings.wrapper_budget, iters=settings.iters,
+                      device=device, extra=dict(settings.extra))
     weights: dict[str, ArmorWeights] = {}
     layers: dict[str, dict] = dict(progress["layers"])
     n_layers = len(names_needed)
