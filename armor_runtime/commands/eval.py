@@ -19,6 +19,8 @@ def add_arguments(parser) -> None:
                         help="auto: the stored dtype (a quantized GGUF: bfloat16)")
     parser.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
     parser.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    parser.add_argument("--tasks-path", default=None,
+                        help="lm-eval: a folder of task YAMLs of your own (e.g. a task over a local JSON file)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_trust_remote_code(parser)
 
@@ -43,7 +45,8 @@ def run(args) -> int:
         if not evaluate.lm_eval_available():
             print("lm_eval is not installed: skipping --tasks", file=sys.stderr)
         else:
-            result["lm_eval"] = evaluate.run_lm_eval(model, tokenizer, args.tasks.split(","), limit=args.limit)
+            result["lm_eval"] = evaluate.run_lm_eval(model, tokenizer, args.tasks.split(","), limit=args.limit,
+                                                     include_path=args.tasks_path)
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:

@@ -1,5 +1,7 @@
 """The full-covariance ARMOR fit: each update against autograd, its guarantee against SparseGPT, a whole prune."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -81,7 +83,7 @@ def test_a_update_is_stationary():
 def test_b_cg_lowers_the_loss_every_step_and_converges():
     prob, a, s, _, b, _ = _problem()
     losses = [prob.loss(a, s, armor_fullcov.solve_b(prob, a, s, b, steps)) for steps in (0, 1, 2, 4, 8)]
-    assert all(l1 <= l0 * (1 + 1e-6) for l0, l1 in zip(losses, losses[1:])) and losses[-1] < losses[0]
+    assert all(l1 <= l0 * (1 + 1e-6) for l0, l1 in itertools.pairwise(losses)) and losses[-1] < losses[0]
     b_opt = armor_fullcov.solve_b(prob, a, s, b, steps=300)
     assert _grads(prob, a, s, b_opt)[2].norm() < 1e-3 * _grads(prob, a, s, b)[2].norm()
 
@@ -97,7 +99,7 @@ def test_value_cg_converges_to_the_masked_optimum():
 
 
 def test_group_change_formula_is_exact_with_the_cross_terms():
-    prob, a, s, mask, b, _ = _problem()
+    prob, a, s, _mask, b, _ = _problem()
     p, q, rhs = armor_fullcov.value_terms(prob, a, b)
     grad = 2.0 * (armor_fullcov.pxq(p, s, q) - rhs)
     g = torch.Generator().manual_seed(3)
