@@ -247,19 +247,22 @@ def main(argv=None) -> int:
             f"per layer vs NoWag-P: mean relative reduction {reduction['mean']:.1%}, "
             f"{reduction['not_worse']}/{reduction['layers']} layers not worse")
         del pruned
-    for key in ("ppl", "ppl2"):
-        gap_closed(rows, key)
-    write_outputs(args, rows, source, corpus, second, time.time() - t_start)
+        for key in ("ppl", "ppl2"):
+            gap_closed(rows, key)
+        write_outputs(args, rows, source, corpus, second, time.time() - t_start, quiet=name != list(plans)[-1])
     return 0
 
 
-def write_outputs(args, rows, source, corpus, second, total) -> None:
+def write_outputs(args, rows, source, corpus, second, total, quiet: bool = False) -> None:
+    """The table (printed unless ``quiet``) and, with an output folder, its CSV/markdown/settings (after every row)."""
     table = markdown(rows, args.second_text)
-    print(table)
+    if not quiet:
+        print(table)
     texts = corpus.source + (f" and {second.source}" if second else "")
-    print(f"\n{source}; calibration {args.nsamples} x {args.seqlen} tokens; perplexity on {args.windows} held-out "
-          f"windows x {args.eval_seqlen} tokens ({texts}); torch threads {torch.get_num_threads()}; "
-          f"total {total:.0f} s")
+    if not quiet:
+        print(f"\n{source}; calibration {args.nsamples} x {args.seqlen} tokens; perplexity on {args.windows} held-out "
+              f"windows x {args.eval_seqlen} tokens ({texts}); torch threads {torch.get_num_threads()}; "
+              f"total {total:.0f} s")
     out = args.out or (None if args.demo else os.path.join("benchmarks", "results"))
     if not out:
         return
