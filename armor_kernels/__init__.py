@@ -12,6 +12,7 @@ from .formats import (
     ArmorWeights,
     block_pair,
     choose_block_size,
+    layer_bytes,
     valid_block_sizes,
     wrapper_overhead,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "blockdiag_matmul",
     "choose_block_size",
     "dispatch",
+    "layer_bytes",
     "reference",
     "sparse24",
     "sparse24_matmul",

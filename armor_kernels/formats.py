@@ -68,15 +68,10 @@ def block_pair(d_out: int, d_in: int, preferred: int | None = None, budget: floa
     return 1, choose_block_size(d_in, 4, 4)
 
 
-@dataclass
-class ArmorWeights:
-    a: torch.Tensor
-    values: torch.Tensor
-    meta: torch.Tensor
-    b: torch.Tensor
-    bias: torch.Tensor | None = None
+class PackedShape:
+    """Shape and dtype read off the packed tensors ``a``, ``values``, ``b``: shared by ``ArmorWeights`` and
+    ``armor_runtime.ArmorLinear`` (which holds the same tensors as buffers)."""
 
-    # ---- shapes -------------------------------------------------------------
     @property
     def d_out(self) -> int:
         return self.values.shape[0]
@@ -100,6 +95,27 @@ class ArmorWeights:
     @property
     def device(self) -> torch.device:
         return self.values.device
+
+
+def layer_bytes(d_out: int, d_in: int, block_out: int, block_in: int, elem: int = 2) -> dict[str, int]:
+    """Bytes of one layer's weight in each form, with ``elem``-byte values (bias excluded: equal in all).
+
+    dense ``elem·d_out·d_in``; the 2:4 core ``elem·d_out·d_in/2`` + 4-bit metadata ``d_out·d_in/8``
+    (9/16 of dense in 2-byte dtypes); the wrappers ``elem·(b_out·d_out + b_in·d_in)`` (n blocks of b x b a side).
+    """
+    dense = elem * d_out * d_in
+    core = elem * d_out * (d_in // 2) + d_out * sparse24.meta_shape(d_out, d_in)[1]
+    wrappers = elem * (block_out * d_out + block_in * d_in)
+    return {"dense": dense, "plain24": core, "armor_core": core, "armor_wrappers": wrappers, "armor": core + wrappers}
+
+
+@dataclass
+class ArmorWeights(PackedShape):
+    a: torch.Tensor
+    values: torch.Tensor
+    meta: torch.Tensor
+    b: torch.Tensor
+    bias: torch.Tensor | None = None
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Name -> tensor, bias omitted when absent (the checkpoint layout)."""

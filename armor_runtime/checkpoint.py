@@ -30,15 +30,15 @@ from torch import nn
 
 from armor_kernels import FORMAT_VERSION
 from armor_solver import outputs
+from armor_solver.targets import is_target
 
 from .linear import ArmorLinear
-from .targets import is_target
 
 QUANT_METHOD = "armor"
 # Not a *.safetensors name on purpose: transformers raises on it, quoting it (see the module docstring).
 UNLOADABLE_GUARD = "ARMOR checkpoint: run `import armor_runtime` before from_pretrained to load it"
-# Small enough that a SmolLM2-135M checkpoint (~150 MB) is sharded; tests pass smaller values.
-DEFAULT_MAX_SHARD_SIZE = "100MB"
+# None: transformers' own default (50GB in transformers 5); --max-shard-size or max_shard_size= asks for smaller shards.
+DEFAULT_MAX_SHARD_SIZE = None
 
 
 def quantization_config(model: nn.Module, solver_settings: dict | None = None) -> dict:
@@ -166,7 +166,7 @@ def save_pretrained(
     out_dir,
     tokenizer=None,
     solver_settings: dict | None = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
     may_replace=outputs.holds_checkpoint,
 ) -> Path:
     """Write ``model`` (with ArmorLinear layers) as an ARMOR checkpoint directory, atomically.
@@ -194,7 +194,7 @@ def _save_atomically(model, out_dir, tokenizer, max_shard_size, edit_config, may
     """``save_pretrained`` into a temporary sibling, edit its config, then put it in place (``outputs.publish``)."""
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        model.save_pretrained(tmp, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         edit_config(tmp)
@@ -234,7 +234,7 @@ def is_armor_checkpoint(path) -> bool:
 
 
 def export_dense(
-    model, out_dir, tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    model, out_dir, tokenizer=None, max_shard_size: int | str | None = DEFAULT_MAX_SHARD_SIZE,
     may_replace=outputs.holds_checkpoint,
 ) -> Path:
     """Write a plain checkpoint: every ArmorLinear becomes an ``nn.Linear`` holding ``W_hat`` (in the layer's dtype).
@@ -252,8 +252,7 @@ def _export_dense(model, out_dir, tokenizer, max_shard_size, may_replace) -> Pat
     from .convert import dense_layer
 
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, ArmorLinear)]:
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, dense_layer(layer))
+        model.set_submodule(name, dense_layer(layer))
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from armor_kernels import ArmorFormatError, ArmorWeights
+from armor_solver.targets import default_targets, is_target
 
 from .linear import ArmorLinear
-from .targets import default_targets, is_target
 
 
 @dataclass
@@ -29,11 +29,6 @@ class ConversionReport:
         lines = [head]
         lines += [f"skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
-
-
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, leaf = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), leaf
 
 
 def _why_not(name: str, module: nn.Module | None, w: ArmorWeights) -> str | None:
@@ -79,8 +74,7 @@ def convert_model(model: nn.Module, weights: dict[str, ArmorWeights], targets=No
         new = ArmorLinear.from_weights(w, name)
         report.dense_bytes += module.weight.nbytes + (0 if module.bias is None else module.bias.nbytes)
         report.armor_bytes += w.nbytes()["total"]
-        parent, leaf = _parent(model, name)
-        setattr(parent, leaf, new)
+        model.set_submodule(name, new)
         modules[name] = new
         del module  # the last reference: the dense weight is freed here
         report.converted.append(name)

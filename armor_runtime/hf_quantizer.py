@@ -38,12 +38,10 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from armor_kernels import ArmorFormatError
+from armor_solver.targets import is_target
 
-from .checkpoint import UNLOADABLE_GUARD, QuantizationConfigError, check_quantization_config
+from .checkpoint import QUANT_METHOD, UNLOADABLE_GUARD, QuantizationConfigError, check_quantization_config
 from .linear import ArmorLinear
-from .targets import is_target
-
-QUANT_METHOD = "armor"
 
 
 class ArmorCheckpointError(ValueError):
@@ -137,8 +135,7 @@ class ArmorHfQuantizer(HfQuantizer):
                 raise ArmorCheckpointError(f"{where}: quantization_config.block_size of layer {name}: {e}") from None
             if files:  # transformers < 5 does not pass the files: the post-load checks still run
                 _check_layer_tensors(name, layer, headers, files)
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, layer)
+            model.set_submodule(name, layer)
             swapped.append(name)
         _check_config_names(qc, sizes, linears, swapped, where)
         if files:

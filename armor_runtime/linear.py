@@ -24,6 +24,7 @@ from torch import nn
 
 import armor_kernels
 from armor_kernels import ArmorFormatError, ArmorWeights, block_pair, dispatch, reference, sparse24
+from armor_kernels.formats import PackedShape
 
 # Token counts used to show which backend each regime would get (decode <= 16 tokens).
 _REPR_TOKENS = {"decode": 1, "prefill": 2048}
@@ -44,7 +45,7 @@ def _prepare_after_load(module: ArmorLinear, _incompatible_keys) -> None:
     module.prepare()
 
 
-class ArmorLinear(nn.Module):
+class ArmorLinear(PackedShape, nn.Module):
     """``y = ((x Bᵀ) Sᵀ) Aᵀ + bias`` with S 2:4 sparse and A, B block-diagonal.
 
     ``block_out``/``block_in`` default to the largest divisor of the side that is
@@ -152,19 +153,7 @@ class ArmorLinear(nn.Module):
         w = reference.materialize(self.a, self.values, self.meta, self.b)
         return w if dtype is None else w.to(dtype)
 
-    # ---- nn.Linear look-alike -------------------------------------------------
-    @property
-    def block_out(self) -> int:
-        return self.a.shape[-1]
-
-    @property
-    def block_in(self) -> int:
-        return self.b.shape[-1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
-
+    # ---- nn.Linear look-alike (shape and dtype come from PackedShape) ----------
     def __getattr__(self, name: str):
         if name == "weight":
             raise NoDenseWeightError(

@@ -20,9 +20,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from armor_runtime.targets import NEVER, default_targets, is_target
-
 from .stats import LayerStats
+from .targets import default_targets, is_target
 
 
 class CalibrationError(ValueError):
@@ -62,7 +61,7 @@ def find_targets(model: nn.Module, targets=None, ignore=()) -> dict[int, dict[st
         if not isinstance(module, nn.Linear):
             continue
         linears.append(name)
-        if name.rsplit(".", 1)[-1] in NEVER or not is_target(name, targets, ignore):
+        if not is_target(name, targets, ignore):  # is_target refuses NEVER names
             continue
         m = pattern.match(name)
         if m is None:

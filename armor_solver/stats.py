@@ -25,7 +25,7 @@ class LayerStats:
         return self.h * self.n_tokens
 
     @classmethod
-    def empty(cls, d_in: int, full: bool = False, device="cpu") -> "LayerStats":
+    def empty(cls, d_in: int, full: bool = False, device="cpu") -> LayerStats:
         xtx = torch.zeros(d_in, d_in, dtype=torch.float32, device=device) if full else None
         return cls(h=torch.zeros(d_in, dtype=torch.float32, device=device), n_tokens=0, xtx=xtx)
 

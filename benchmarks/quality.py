@@ -35,9 +35,10 @@ import time
 import torch
 
 from armor_kernels import WRAPPER_BUDGET, sparse24
-from armor_solver import calibration, data, evaluate, models
+from armor_runtime.loading import load_model
+from armor_solver import calibration, data, evaluate
 from armor_solver import methods as registry
-from armor_solver.pipeline import PruneSettings, materialize_into, prune_model
+from armor_solver.pipeline import Calibration, PruneSettings, materialize_into, prune_model
 
 ALL_METHODS = ("magnitude", "wanda", "sparsegpt", "nowag-p", "armor")
 BASELINES = ("magnitude", "wanda", "sparsegpt", "nowag-p")
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     t_start = time.time()
 
-    model, tokenizer, source = models.load_model(args.model)
+    model, tokenizer, source = load_model(args.model)
     corpus = data.load_corpus(args.text)
     plans = plan_rows(args, methods, corpus)
     calib = data.calibration_ids(tokenizer, corpus, args.nsamples, args.seqlen)
@@ -233,8 +234,8 @@ def main(argv=None) -> int:
 
     for name, (method, settings) in plans.items():
         pruned = copy.deepcopy(model)
-        result = prune_model(pruned, tokenizer, settings, device=args.device, calib_ids=calib,
-                             dense_stats=dense_stats, log=lambda s: None, save=False)
+        result = prune_model(pruned, tokenizer, settings, device=args.device,
+                             calib=Calibration(ids=calib, dense_stats=dense_stats), log=lambda s: None)
         materialize_into(pruned, result.weights)
         reduction = relative_reduction(result.layers)
         blocks = sorted({(v["block_out"], v["block_in"]) for v in result.layers.values()})

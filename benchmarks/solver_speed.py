@@ -48,9 +48,10 @@ FULLCOV_MATRICES = "10.self_attn.q_proj,10.self_attn.k_proj,10.mlp.up_proj,10.ml
 
 def calibrate(names: list[str], nsamples: int, seqlen: int, full: bool = False):
     """(weights, LayerStats) of the named linears from a dense calibration pass."""
-    from armor_solver import calibration, data, models
+    from armor_runtime.loading import load_model
+    from armor_solver import calibration, data
 
-    model, tok, _ = models.load_model("smollm2-135m")
+    model, tok, _ = load_model("smollm2-135m")
     ids = data.calibration_ids(tok, data.load_wikipedia(), nsamples, seqlen)
     last = max(int(n.split(".")[2]) for n in names)
     ignore = [f"*.layers.{i}.*" for i in range(last + 1, 1000)]  # stop after the last needed block

@@ -12,6 +12,14 @@ def torch_dtype(name: str):
     return "auto" if name == "auto" else getattr(torch, name)
 
 
+def add_model_arguments(parser, model_help: str, dtype_help: str) -> None:
+    """--model, --device, --dtype and --trust-remote-code: how a command that runs a model loads it."""
+    parser.add_argument("--model", required=True, help=model_help)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help=dtype_help)
+    add_trust_remote_code(parser)
+
+
 def add_trust_remote_code(parser) -> None:
     parser.add_argument(
         "--trust-remote-code", action="store_true",

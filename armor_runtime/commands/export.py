@@ -15,7 +15,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dense", required=True, metavar="DIR", help="ARMOR checkpoint to export")
     parser.add_argument("--out", required=True, help="output directory (new or empty)")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the checkpoint's dtype")
-    parser.add_argument("--max-shard-size", default=None, help="e.g. 100MB (default: the checkpoint module's)")
+    parser.add_argument("--max-shard-size", default=None, help="e.g. 100MB (default: transformers' own, 50GB in transformers 5)")
     add_trust_remote_code(parser)
 
 

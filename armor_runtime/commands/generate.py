@@ -4,34 +4,31 @@ from __future__ import annotations
 
 import time
 
-from ._common import DTYPES, add_trust_remote_code, check_device, torch_dtype
+from ._common import add_model_arguments, check_device, torch_dtype
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help='checkpoint directory (ARMOR or plain Hugging Face), .gguf file or "smollm2-135m"')
+    add_model_arguments(parser, 'checkpoint directory (ARMOR or plain Hugging Face), .gguf file or "smollm2-135m"',
+                        "auto: the checkpoint's dtype")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: the checkpoint's dtype")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    add_trust_remote_code(parser)
 
 
 def run(args) -> int:
     import torch
 
-    from armor_solver import models
+    from armor_runtime.loading import load_model
 
     check_device(args.device)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1")
     torch.manual_seed(args.seed)
-    model, tokenizer, _ = models.load_model(args.model, dtype=torch_dtype(args.dtype),
-                                            trust_remote_code=args.trust_remote_code)
+    model, tokenizer, _ = load_model(args.model, dtype=torch_dtype(args.dtype), trust_remote_code=args.trust_remote_code)
     model = model.to(args.device).eval()
     prompt = args.prompt
     if args.chat and getattr(tokenizer, "chat_template", None):

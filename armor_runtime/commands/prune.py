@@ -19,7 +19,7 @@ from dataclasses import asdict
 from armor_kernels import WRAPPER_BUDGET
 from armor_solver import methods as registry
 
-from ._common import add_trust_remote_code, check_device
+from ._common import add_trust_remote_code, check_device, check_shard_size
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -45,6 +45,7 @@ def add_arguments(parser) -> None:
                         help="statistics of the dense model, or through the already-pruned blocks (default: as the method was published)")
     parser.add_argument("--dtype", choices=DTYPES, default="auto",
                         help="dtype the checkpoint is stored in (default auto: the source's; pruning runs in float32)")
+    parser.add_argument("--max-shard-size", default=None, help="e.g. 2GB (default: transformers' own, 50GB in transformers 5)")
     add_trust_remote_code(parser)
     parser.set_defaults(_accepts_unknown=True)
     parser.epilog = (
@@ -103,6 +104,7 @@ def settings_from_args(args, dtype: str | None = None):
 
     ``dtype``: the stored dtype (default: ``save_dtype(args)``).
     """
+    from armor_solver import data
     from armor_solver.pipeline import PruneSettings
 
     return PruneSettings(
@@ -113,7 +115,7 @@ def settings_from_args(args, dtype: str | None = None):
         block_size=args.block_size,
         wrapper_budget=args.wrapper_budget,
         iters=args.iters,
-        text=args.text or "wikipedia (bundled)",
+        text=args.text or data.WIKIPEDIA,
         targets=_split(args.targets) or None,
         ignore=_split(args.ignore),
         extra=parse_extra(getattr(args, "unknown", None) or []),
@@ -126,16 +128,19 @@ def run(args) -> int:
     import torch
 
     from armor_runtime import sizes
-    from armor_solver import data, models, pipeline
+    from armor_runtime.loading import load_model
+    from armor_runtime.pruned import finisher
+    from armor_solver import data, pipeline, resume
 
     t0 = time.time()
     check_device(args.device)
+    shard_size = check_shard_size(args.max_shard_size)
     settings_from_args(args, dtype="float32")  # method, options and numbers first, before the model is read
     dtype, why = save_dtype(args)
     settings = settings_from_args(args, dtype)
     try:
         # held for the whole run: a different run, a foreign or locked --out is refused before anything is loaded
-        with pipeline.claim_out_dir(args.out, asdict(settings)) as found:
+        with resume.claim_out_dir(args.out, asdict(settings)) as found:
             for line in found.recovered:
                 print(f"armor prune: {line}", file=sys.stderr)
             if found.finished:
@@ -143,21 +148,23 @@ def run(args) -> int:
                       "(remove it to prune again)")
                 return 0
             corpus = data.load_corpus(args.text)
-            model, tokenizer, source = models.load_model(args.model, dtype=torch.float32,
-                                                         trust_remote_code=args.trust_remote_code)
+            model, tokenizer, source = load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
             print(f"model {source} ({type(model).__name__}); method {settings.method} ({settings.propagation} "
                   f"statistics); calibration {settings.nsamples} x {settings.seqlen} tokens from {corpus.source}; "
                   f"computed in float32, stored in {dtype} ({why})", file=sys.stderr)
-            result = pipeline.prune_model(model, tokenizer, settings, out_dir=args.out, device=args.device, corpus=corpus)
+            reports = []
+            result = pipeline.prune_model(model, tokenizer, settings, out_dir=args.out, device=args.device,
+                                          calib=pipeline.Calibration(corpus=corpus),
+                                          finish=finisher(model, tokenizer, reports, shard_size))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished blocks are kept in {args.out}/{pipeline.PARTIAL}: "
+        print(f"\ninterrupted; finished blocks are kept in {args.out}/{resume.PARTIAL}: "
               "rerun the same command to resume", file=sys.stderr)
         return 130
     blocks = sorted({(v["block_out"], v["block_in"]) for v in result.layers.values()})
     print(f"pruned {len(result.layers)} layers with {settings.method} in {time.time() - t0:.0f} s; "
           f"mean proxy loss {result.mean_loss():.4f} (as stored in {settings.dtype}: "
           f"{result.mean_loss('proxy_loss_deployed'):.4f}); block sizes (out/in) {blocks}")
-    print(result.conversion.summary() if result.conversion is not None else "")
+    print(reports[0].summary())
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     report = sizes.prune_report(args.out, args.model, model)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from armor_kernels import ArmorWeights, sparse24
+from armor_kernels import ArmorWeights
 
 from ..stats import LayerStats
 from .base import MethodResult
-from .normalize import check_inputs, normalize, proxy_loss
+from .normalize import check_inputs, proxy_loss
 
 
 def check_weight(weight: torch.Tensor, stats: LayerStats | None) -> None:
@@ -21,11 +21,3 @@ def plain24_result(weight: torch.Tensor, core: torch.Tensor, mask: torch.Tensor,
     packed = ArmorWeights.from_dense(core, block_out=1, block_in=4, mask=mask)
     h = stats.cleaned_h() if stats is not None else torch.ones(weight.shape[1])
     return MethodResult(packed, {"proxy_loss": proxy_loss(weight, core, h)})
-
-
-def nowag_p_loss(weight: torch.Tensor, h: torch.Tensor) -> float:
-    """The NoWag-P proxy loss of ``weight`` (keep the 2 largest W̄²·h of each group of 4): ARMOR's starting point."""
-    w_bar, _, _ = normalize(weight)
-    h = h.to(w_bar.device, torch.float32)
-    mask = sparse24.topk_mask(w_bar.square() * h)
-    return float((w_bar.square() * h * (~mask)).sum() / (w_bar.square() * h).sum())

@@ -118,19 +118,18 @@ def _fit_diagonal(prob: Problem, solver: str, extra: dict, cfg: PruneConfig, tim
         sweeps = _option(extra, "sweeps", cfg.iters if cfg.iters is not None else armor_exact.DEFAULT_SWEEPS, int)
         cg_steps = _option(extra, "cg_steps", armor_exact.CG_STEPS, int)
         stop_below = _option(extra, "stop_below", None, float)
-        a, s, mask, b, loss, trace = armor_exact.fit_exact(
-            prob, a, s, mask, b, sweeps, time_budget, cg_steps, stop_below=stop_below
-        )
-        iters, losses = len(trace), [l for _, l in trace]
+        fit = armor_exact.fit_exact(prob, a, s, mask, b, sweeps, time_budget, cg_steps, stop_below=stop_below)
+        losses = [l for _, l in fit.trace]
     else:
         n_iter = cfg.iters if cfg.iters is not None else armor_adam.DEFAULT_ITERS
         lr = _option(extra, "lr", armor_adam.LR, float)
         seed = _option(extra, "seed", 0, int)
-        a, s, mask, b, loss, trace, iters = armor_adam.fit_adam(prob, a, s, mask, b, n_iter, time_budget, lr, seed)
-        losses = [l for _, l in trace[::10]]
+        fit = armor_adam.fit_adam(prob, a, s, mask, b, n_iter, time_budget, lr, seed)
+        losses = [l for _, l in fit.trace[::10]]
+    a, s, mask, b, loss = fit.a, fit.s, fit.mask, fit.b, fit.loss
     if not loss <= init_loss:  # cannot happen (both solvers keep the best state); guards the theorem
         raise RuntimeError(f"ARMOR: fitted loss {loss} above the NoWag-P start {init_loss}")
-    return a, s, mask, b, loss, {"init_loss": init_loss, "losses": losses, "trace": trace, "iters": iters}
+    return a, s, mask, b, loss, {"init_loss": init_loss, "losses": losses, "trace": fit.trace, "iters": fit.iters}
 
 
 def _fit_fullcov(weight, stats, w_bar, r, c, bo, bi, extra: dict, cfg: PruneConfig, time_budget):
@@ -147,12 +146,12 @@ def _fit_fullcov(weight, stats, w_bar, r, c, bo, bi, extra: dict, cfg: PruneConf
     a = torch.eye(bo, device=w_bar.device).repeat(prob.no, 1, 1)
     b = torch.eye(bi, device=w_bar.device).repeat(prob.ni, 1, 1)
     init_loss = prob.loss(a, s, b)
-    a, s, mask, b, loss, trace = armor_fullcov.fit_fullcov(prob, a, s, mask, b, sweeps, time_budget, cg_steps)
-    if not loss <= init_loss:  # cannot happen (every step is checked); guards the guarantee
-        raise RuntimeError(f"ARMOR fullcov: fitted loss {loss} above the SparseGPT start {init_loss}")
-    info = {"full_loss": loss, "full_loss_sparsegpt": init_loss, "damp": damp, "losses": [l for _, l in trace],
-            "trace": trace, "iters": len(trace)}
-    return a, s, mask, b, info
+    fit = armor_fullcov.fit_fullcov(prob, a, s, mask, b, sweeps, time_budget, cg_steps)
+    if not fit.loss <= init_loss:  # cannot happen (every step is checked); guards the guarantee
+        raise RuntimeError(f"ARMOR fullcov: fitted loss {fit.loss} above the SparseGPT start {init_loss}")
+    info = {"full_loss": fit.loss, "full_loss_sparsegpt": init_loss, "damp": damp,
+            "losses": [l for _, l in fit.trace], "trace": fit.trace, "iters": fit.iters}
+    return fit.a, fit.s, fit.mask, fit.b, info
 
 
 def prune(weight: torch.Tensor, stats, cfg: PruneConfig | None = None) -> MethodResult:

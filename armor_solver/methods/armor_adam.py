@@ -15,7 +15,7 @@ import time
 import torch
 
 from . import sparse_step
-from .armor_problem import Problem
+from .armor_problem import Fit, Problem
 
 LR = 1e-4
 DEFAULT_ITERS = 2000  # the paper runs 20,000; most of the gain comes in the first ~2,500
@@ -25,7 +25,7 @@ RTOL = 1e-6
 
 def fit_adam(prob: Problem, a, s, mask, b, iters: int = DEFAULT_ITERS, time_budget: float | None = None,
              lr: float = LR, seed: int = 0, trace_every: int = 1):
-    """Returns (A, S, mask, B, best loss, trace of (seconds, loss), iterations run)."""
+    """-> ``Fit``: the best (A, S, mask, B), its loss, the trace of (seconds, loss), the iterations run."""
     t0 = time.perf_counter()
     gen = torch.Generator(device=prob.w.device).manual_seed(seed)
     A = a.clone().requires_grad_(True)
@@ -62,5 +62,4 @@ def fit_adam(prob: Problem, a, s, mask, b, iters: int = DEFAULT_ITERS, time_budg
         opt.step()
         with torch.no_grad():
             S.masked_fill_(~mask, 0.0)
-    a, s, mask, b = best[1]
-    return a, s, mask, b, best[0], trace, it
+    return Fit(*best[1], best[0], trace, it)

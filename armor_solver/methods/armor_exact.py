@@ -24,7 +24,7 @@ import time
 import torch
 
 from . import sparse_step
-from .armor_problem import Problem, left, pxq, right
+from .armor_problem import Fit, Problem, left, pxq, right
 
 LAMBDA = 1e-6
 CG_STEPS = 3
@@ -176,10 +176,25 @@ def _extrapolate(prob: Problem, prev, cur, loss: float, gamma: float):
     return a, s, b, loss, max(gamma * 0.5, GAMMA_MIN)
 
 
+def _wrapper_steps(prob: Problem, a, s, b, loss: float):
+    """The closed-form A step, then the B step, each kept only if the loss does not rise -> (a, b, loss)."""
+    a_new, c = solve_a(prob, s, b)
+    l_new = prob.loss_left(a_new, c)
+    del c
+    if l_new <= loss:
+        a, loss = a_new, l_new
+    b_new, d = solve_b(prob, a, s)
+    l_new = prob.loss_right(d, b_new)
+    del d
+    if l_new <= loss:
+        b, loss = b_new, l_new
+    return a, b, loss
+
+
 def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_budget: float | None = None,
               cg_steps: int = CG_STEPS, support_every: int = SUPPORT_EVERY, extrapolate: bool = True, stop_below: float | None = None,
               callback=None):
-    """Run exact sweeps from (A, S, mask, B); returns the best state and a trace.
+    """Run exact sweeps from (A, S, mask, B) -> ``Fit``: the best state and a trace.
 
     ``trace`` is a list of ``(seconds, loss)`` after each sweep; the state's loss
     never exceeds the starting loss. ``s`` and ``mask`` are updated in place (their
@@ -194,16 +209,7 @@ def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_b
         start_loss = loss
         # the sweep's start: the fallback of the value step and the base of the extrapolation
         a0, s0, b0 = a, _pack(prob, s, mask, check_zeros=sweep == 0), b  # later S are masked
-        a_new, c = solve_a(prob, s, b)
-        l_new = prob.loss_left(a_new, c)
-        del c
-        if l_new <= loss:
-            a, loss = a_new, l_new
-        b_new, d = solve_b(prob, a, s)
-        l_new = prob.loss_right(d, b_new)
-        del d
-        if l_new <= loss:
-            b, loss = b_new, l_new
+        a, b, loss = _wrapper_steps(prob, a, s, b, loss)
         # s itself becomes the new values (s0 keeps the start)
         s_new, res, p, q = solve_values(prob, a, s, b, mask, cg_steps, inplace=True)
         s = None
@@ -238,4 +244,4 @@ def fit_exact(prob: Problem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, time_b
             callback(sweep, loss)
         if start_loss - loss <= RTOL * start_loss or (stop_below is not None and loss <= stop_below):
             break
-    return a, s, mask, b, loss, trace
+    return Fit(a, s, mask, b, loss, trace, len(trace))

@@ -53,7 +53,7 @@ import torch
 
 from . import sparse_step
 from .armor_exact import _spd_solve
-from .armor_problem import left, right
+from .armor_problem import Fit, left, right
 
 DAMP = 0.01  # as SparseGPT: fraction of the mean diagonal of Σ added to it
 DEFAULT_SWEEPS = 8
@@ -257,7 +257,7 @@ def fit_fullcov(prob: FullProblem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, 
                 cg_steps: int = CG_STEPS, b_steps: int = B_STEPS):
     """Sweeps of A, B, values and support from (A, S, mask, B); every step is kept only if the loss does not rise.
 
-    Returns ``(a, s, mask, b, loss, trace)`` with ``trace`` = ``(seconds, loss)`` after each sweep.
+    Returns a ``Fit`` whose ``trace`` holds ``(seconds, loss)`` after each sweep.
     """
     t0 = time.perf_counter()
     loss = prob.loss(a, s, b)
@@ -283,7 +283,7 @@ def fit_fullcov(prob: FullProblem, a, s, mask, b, sweeps: int = DEFAULT_SWEEPS, 
         trace.append((time.perf_counter() - t0, loss))
         if start - loss <= RTOL * start:
             break
-    return a, s, mask, b, loss, trace
+    return Fit(a, s, mask, b, loss, trace, len(trace))
 
 
 def _keep_better(loss: float, old, new, l_new: float):

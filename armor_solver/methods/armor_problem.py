@@ -52,6 +52,19 @@ def pxq(p: torch.Tensor, x: torch.Tensor, q: torch.Tensor, out: torch.Tensor | N
 
 
 @dataclass
+class Fit:
+    """A solver's best state (normalized space) and how it got there."""
+
+    a: torch.Tensor  # [no, bo, bo]
+    s: torch.Tensor  # [d_out, d_in], zero outside ``mask``
+    mask: torch.Tensor  # [d_out, d_in] bool, 2:4
+    b: torch.Tensor  # [ni, bi, bi]
+    loss: float
+    trace: list  # (seconds, loss) pairs
+    iters: int
+
+
+@dataclass
 class Problem:
     """Normalized target ``w`` (``W̄``), column weights ``h`` and the loss denominator."""
 

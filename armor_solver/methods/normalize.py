@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from armor_kernels import reference
+
 EPS = 1e-5  # added to every norm, as in NoWag
 
 
@@ -70,3 +72,29 @@ def proxy_loss(weight: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> fl
     h = h.to(device=w_bar.device, dtype=torch.float32)
     w_hat_bar = w_hat.to(device=w_bar.device, dtype=torch.float32) / c / r[:, None]
     return float(weighted_sq(w_bar - w_hat_bar, h) / weighted_sq(w_bar, h))
+
+
+def stored_proxy_loss(weight: torch.Tensor, packed, h: torch.Tensor) -> float:
+    """``proxy_loss`` of the packed ``ArmorWeights`` as stored (after any cast) against ``weight``.
+
+    Row chunk by row chunk (whole output blocks): the row norms are per row and the column norms are
+    summed first, so no dense fp32 copy of the whole layer is made (a 14336x4096 layer would need 235 MB each).
+    """
+    d_out, d_in = weight.shape
+    bo = packed.block_out
+    rows = max(bo, (1 << 22) // d_in // bo * bo)
+    chunks = [(r0, min(r0 + rows, d_out)) for r0 in range(0, d_out, rows)]
+    h = h.to(weight.device, torch.float32)
+    col = torch.zeros(d_in, device=weight.device)
+    for r0, r1 in chunks:
+        col += weight[r0:r1].float().square().sum(0)
+    col = col.sqrt() + EPS
+    num = den = 0.0
+    for r0, r1 in chunks:
+        w1 = weight[r0:r1].float() / col
+        row = w1.norm(dim=1, keepdim=True) + EPS
+        w_hat = reference.materialize(packed.a[r0 // bo:r1 // bo], packed.values[r0:r1], packed.meta[r0:r1], packed.b)
+        w_bar = w1 / row
+        num += float(weighted_sq(w_bar - w_hat.to(weight.device) / col / row, h))
+        den += float(weighted_sq(w_bar, h))
+    return num / den

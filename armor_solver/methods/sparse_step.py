@@ -123,26 +123,6 @@ def all_group_pairs(grad, s, alpha, qgg, chunk_groups: int = 1 << 13):
     return imp, best, vals
 
 
-def all_group_improvements(grad, s, alpha, qgg, chunk_groups: int = 1 << 16):
-    """Best support for every group: (improvement ``[d_out, G]``, values ``[d_out, G, 4]``, keep).
-
-    Rows go in chunks of about ``chunk_groups`` groups so the ~30 temporaries of
-    ``best_supports`` stay small (65,536 groups x 6 pairs: 1.5 MiB each).
-    """
-    d_out, d_in = s.shape
-    g = d_in // 4
-    chunk_rows = max(1, chunk_groups // g)
-    grad4, s4 = grad.reshape(d_out, g, 4), s.reshape(d_out, g, 4)
-    imp = torch.empty(d_out, g, device=s.device)
-    vals = torch.empty(d_out, g, 4, device=s.device)
-    keep = torch.empty(d_out, g, 4, dtype=torch.bool, device=s.device)
-    for r0 in range(0, d_out, chunk_rows):
-        r1 = min(r0 + chunk_rows, d_out)
-        terms = _terms(grad4[r0:r1], s4[r0:r1], alpha[r0:r1].reshape(-1, 1), qgg)
-        imp[r0:r1], vals[r0:r1], keep[r0:r1] = best_supports(*terms)
-    return imp, vals, keep
-
-
 def _pair_view(x: torch.Tensor, bo: int, bi: int) -> torch.Tensor:
     """``[d_out, G, ...]`` -> ``[no, ni, bo * bi/4, ...]`` (groups of each block pair last)."""
     d_out, g = x.shape[:2]
@@ -250,10 +230,13 @@ def greedy_step(prob, s, mask, grad, p, q, tries: int = 3) -> float:
                 m4[r0:r1] = torch.where(sel4, keep, m4[r0:r1])
             return -change
         k //= 2
-    # fallback: the best group of each block pair (independent, exact)
-    pv = _pair_view(imp, prob.bo, prob.bi)
-    top = pv.argmax(-1, keepdim=True)
-    rows, groups = pair_groups_to_index(top, prob.bo, prob.bi, d_in // 4)
+    return _best_group_per_pair(prob, s, mask, grad, p, q, imp, best, pair_vals)
+
+
+def _best_group_per_pair(prob, s, mask, grad, p, q, imp, best, pair_vals) -> float:
+    """``greedy_step``'s fallback: switch the best group of each block pair (independent, so exact)."""
+    top = _pair_view(imp, prob.bo, prob.bi).argmax(-1, keepdim=True)
+    rows, groups = pair_groups_to_index(top, prob.bo, prob.bi, s.shape[1] // 4)
     vals, keep = expand_pairs(best[rows, groups], pair_vals[rows, groups])
     rows, groups, delta, gained = apply_groups(s, mask, rows, groups, vals, keep, imp[rows, groups])
     if rows.numel():

@@ -53,7 +53,7 @@ def build_model(name: str, layers: int | None, dtype: torch.dtype, device: torch
 
 
 def target_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    from armor_runtime.targets import default_targets, is_target
+    from armor_solver.targets import default_targets, is_target
 
     targets = default_targets(model.config.model_type)
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_target(n, targets)}

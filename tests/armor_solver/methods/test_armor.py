@@ -116,7 +116,7 @@ def test_fit_exact_rejects_nothing_it_should_keep():
     mask = nowag_mask(w_bar, st.cleaned_h())
     prob = Problem(w_bar * mask, st.cleaned_h(), 16, 16)
     a, b = prob.identity_wrappers()
-    *_, loss, _ = armor_exact.fit_exact(prob, a, prob.w.clone(), mask, b, sweeps=2)
+    loss = armor_exact.fit_exact(prob, a, prob.w.clone(), mask, b, sweeps=2).loss
     assert loss == pytest.approx(0.0, abs=1e-10)
 
 

@@ -2,19 +2,11 @@ import pytest
 import torch
 
 from armor_kernels import ArmorFormatError, ArmorWeights, choose_block_size, sparse24, valid_block_sizes
+from tests.helpers import random_layer_weights
 
 
 def make_weights(d_out=16, d_in=32, b_out=8, b_in=8, dtype=torch.float32, bias=True):
-    w = torch.randn(d_out, d_in)
-    mask = sparse24.topk_mask(w.abs())
-    return ArmorWeights.from_factors(
-        torch.randn(d_out // b_out, b_out, b_out),
-        torch.where(mask, w, 0.0),
-        torch.randn(d_in // b_in, b_in, b_in),
-        bias=torch.randn(d_out) if bias else None,
-        mask=mask,
-        dtype=dtype,
-    )
+    return random_layer_weights(d_out, d_in, b_out, b_in, dtype, bias)
 
 
 def test_shapes_and_properties():

@@ -8,8 +8,9 @@ magnitude in the output dtype (the interpreter truncates fp32 -> bf16 stores).
 import pytest
 import torch
 
-from armor_kernels import ArmorWeights, reference, sparse24
+from armor_kernels import reference, sparse24
 from armor_kernels.formats import valid_block_sizes
+from tests.helpers import random_layer_weights
 
 tb = pytest.importorskip("armor_kernels.backends.triton")
 if tb.IMPORT_ERROR:
@@ -50,16 +51,7 @@ def assert_margins_untouched(big, m, n):
 
 
 def rand_weights(d_out, d_in, b_out, b_in, dtype=torch.float32, bias=True, signed_zeros=True):
-    core = torch.randn(d_out, d_in)
-    mask = sparse24.topk_mask(torch.rand(d_out, d_in))
-    w = ArmorWeights.from_factors(
-        torch.randn(d_out // b_out, b_out, b_out) / b_out**0.5,
-        torch.where(mask, core, 0.0),
-        torch.randn(d_in // b_in, b_in, b_in) / b_in**0.5,
-        bias=torch.randn(d_out) if bias else None,
-        mask=mask,
-        dtype=dtype,
-    )
+    w = random_layer_weights(d_out, d_in, b_out, b_in, dtype, bias, scaled=True)
     if signed_zeros:
         # kept values that are zero and negative zero must behave as zeros
         w.values[::5, ::3] = 0.0

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import armor_kernels
-from armor_kernels import ArmorWeights, dispatch, reference, sparse24
+from armor_kernels import dispatch, reference
+from tests.helpers import random_layer_weights
 
 tb = pytest.importorskip("armor_kernels.backends.triton")
 if tb.IMPORT_ERROR:
@@ -20,12 +21,7 @@ def forced_triton(monkeypatch):
 
 
 def make(dtype, bias=True):
-    core = torch.randn(32, 48)
-    mask = sparse24.topk_mask(core.abs())
-    return ArmorWeights.from_factors(
-        torch.randn(4, 8, 8) / 8**0.5, torch.where(mask, core, 0.0), torch.randn(4, 12, 12) / 12**0.5,
-        bias=torch.randn(32) if bias else None, mask=mask, dtype=dtype,
-    ).to(DEVICE)  # fmt: skip
+    return random_layer_weights(32, 48, 8, 12, dtype, bias, scaled=True).to(DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,7 +24,7 @@ def test_quality_table_on_a_tiny_model(tmp_path, solver_model_dir, solver_text_f
     assert quality.main(argv) == 0
     out = capsys.readouterr()
     assert "| armor |" in out.out and "| dense |" in out.out
-    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "quality.csv"))}
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "quality.csv").open())}
     assert set(rows) == {"dense", "magnitude", "nowag-p", "armor"}
     assert float(rows["armor"]["proxy_loss"]) <= float(rows["nowag-p"]["proxy_loss"]) * (1 + 1e-6)
     assert float(rows["armor"]["rel_reduction_vs_nowag_p"]) >= 0

@@ -8,10 +8,10 @@ import torch
 from armor_kernels import reference
 from armor_solver import methods as registry
 from armor_solver.methods import armor, armor_fullcov, sparsegpt
-from armor_solver.methods.armor_problem import left, right
+from armor_solver.methods.armor_problem import Fit, left, right
 from armor_solver.methods.base import PruneConfig
 from armor_solver.methods.normalize import normalize
-from armor_solver.pipeline import PruneSettings, prune_model
+from armor_solver.pipeline import Calibration, PruneSettings, prune_model
 from armor_solver.stats import LayerStats
 
 D_OUT, D_IN, BO, BI = 24, 32, 8, 16
@@ -145,7 +145,7 @@ def test_a_rise_above_sparsegpt_is_refused(monkeypatch):
     stats, _ = _stats(32)
 
     def worse(prob, a, s, mask, b, *args):
-        return a, s, mask, b, 2.0, [(0.0, 2.0)]
+        return Fit(a, s, mask, b, 2.0, [(0.0, 2.0)], 1)
 
     monkeypatch.setattr(armor_fullcov, "fit_fullcov", worse)
     with pytest.raises(RuntimeError, match="above the SparseGPT start"):
@@ -168,7 +168,7 @@ def test_prune_a_tiny_model_with_fullcov(solver_make_model):
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     settings = PruneSettings(model="tiny", method="armor", nsamples=4, seqlen=32, block_size=16, text="t.txt",
                              extra={"solver": "fullcov", "sweeps": 3})
-    result = prune_model(model, None, settings, calib_ids=ids, log=lambda s: None, save=False)
+    result = prune_model(model, None, settings, calib=Calibration(ids=ids), log=lambda s: None)
     assert len(result.layers) == 14
     for name, info in result.layers.items():
         assert info["solver"] == "fullcov"

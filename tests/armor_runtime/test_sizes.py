@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from torch import nn
 
-from armor_kernels import sparse24
+from armor_kernels import layer_bytes
 from armor_runtime.linear import ArmorLinear
-from armor_runtime.sizes import layer_bytes, model_layer_bytes, nowag_p_weights
+from armor_runtime.sizes import model_layer_bytes
 
 
 @pytest.mark.parametrize("d_out,d_in,bo,bi", [(576, 576, 96, 96), (1536, 576, 128, 96), (576, 1536, 96, 128),
@@ -29,23 +28,6 @@ def test_model_layer_bytes_sums():
     total = model_layer_bytes(layers)
     assert total["dense"] == 2 * (64 * 64 + 32 * 64)
     assert total["armor"] == total["armor_core"] + total["armor_wrappers"]
-
-
-def test_nowag_p_weights_keep_the_top_scaled_entries():
-    torch.manual_seed(0)
-    model = nn.Sequential()
-    model.add_module("up_proj", nn.Linear(24, 48))
-    model.add_module("lm_head", nn.Linear(48, 24))
-    weights = nowag_p_weights(model, ("up_proj", "lm_head"), block=16)
-    assert set(weights) == {"up_proj"}  # lm_head never pruned
-    w = weights["up_proj"]
-    assert (w.block_out, w.block_in) == (16, 12)
-    eye = torch.eye(16).expand(3, 16, 16)
-    assert torch.equal(w.a, eye) and torch.equal(w.bias, model.up_proj.bias.detach())
-    weight = model.up_proj.weight.detach()
-    expected = sparse24.topk_mask((weight / (weight.norm(dim=0) + 1e-5)).square())
-    assert torch.equal(sparse24.dense_mask(w.meta, 24), expected)
-    torch.testing.assert_close(w.core(), weight * expected, rtol=0, atol=0)
 
 
 def test_checkpoint_bytes_match_the_layer_formula(saved_llama):

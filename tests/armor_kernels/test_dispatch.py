@@ -5,17 +5,13 @@ import json
 import pytest
 import torch
 
-from armor_kernels import ArmorWeights, dispatch, reference, sparse24
+from armor_kernels import dispatch, reference
 from armor_kernels.backends.base import Backend
+from tests.helpers import random_layer_weights
 
 
 def make(bias=True):
-    core = torch.randn(32, 32)
-    mask = sparse24.topk_mask(core.abs())
-    return ArmorWeights.from_factors(
-        torch.randn(2, 16, 16), torch.where(mask, core, 0.0), torch.randn(4, 8, 8),
-        bias=torch.randn(32) if bias else None, mask=mask,
-    )  # fmt: skip
+    return random_layer_weights(32, 32, 16, 8, bias=bias)
 
 
 def args(w, tokens=1):

@@ -267,13 +267,14 @@ def test_disk_full_at_the_final_save_keeps_every_finished_block(tmp_path, monkey
 def test_read_only_output_is_refused_before_any_work(tmp_path, monkeypatch, solver_model_dir, solver_text_file, capsys):
     import errno
 
-    from armor_solver import models, outputs
+    from armor_runtime import loading
+    from armor_solver import outputs
 
     def read_only(path):
         raise OSError(errno.EROFS, "Read-only file system", str(path))
 
     monkeypatch.setattr(outputs, "_acquire", read_only)
-    monkeypatch.setattr(models, "load_model", None)  # loading the model would crash
+    monkeypatch.setattr(loading, "load_model", None)  # loading the model would crash
     assert _prune(solver_model_dir, str(tmp_path / "ckpt"), solver_text_file, "--method", "magnitude") == 2
     assert "Read-only file system" in _err_line(capsys)
 
@@ -323,7 +324,7 @@ def test_model_code_never_runs_without_trust_remote_code(custom_code_dir, tmp_pa
 def test_trust_remote_code_is_passed_only_when_asked(monkeypatch, solver_model_dir):
     import transformers
 
-    from armor_solver import models
+    from armor_runtime import loading
 
     seen = []
     real = transformers.AutoModelForCausalLM.from_pretrained
@@ -333,8 +334,8 @@ def test_trust_remote_code_is_passed_only_when_asked(monkeypatch, solver_model_d
         return real(*a, **k)
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
-    models.load_model(solver_model_dir)
-    models.load_model(solver_model_dir, trust_remote_code=True)
+    loading.load_model(solver_model_dir)
+    loading.load_model(solver_model_dir, trust_remote_code=True)
     assert seen == [False, True]  # explicit False: transformers refuses instead of prompting
 
 

@@ -1,19 +1,12 @@
 import pytest
 import torch
 
-from armor_kernels import ArmorWeights, reference, sparse24
+from armor_kernels import reference
+from tests.helpers import random_layer_weights
 
 
 def make(d_out=24, d_in=32, b_out=8, b_in=8, bias=True):
-    w = torch.randn(d_out, d_in)
-    mask = sparse24.topk_mask(w.abs())
-    return ArmorWeights.from_factors(
-        torch.randn(d_out // b_out, b_out, b_out),
-        torch.where(mask, w, 0.0),
-        torch.randn(d_in // b_in, b_in, b_in),
-        bias=torch.randn(d_out) if bias else None,
-        mask=mask,
-    )
+    return random_layer_weights(d_out, d_in, b_out, b_in, bias=bias)
 
 
 def blockdiag(blocks):

@@ -108,6 +108,6 @@ def test_topk_mask_keeps_two_largest_per_group():
 
 
 def test_mask_derived_from_core_when_absent():
-    core, mask = _random_core(4, 16)
+    core, _ = _random_core(4, 16)
     values, meta = sparse24.compress(core)
     assert torch.equal(sparse24.decompress(values, meta), core)

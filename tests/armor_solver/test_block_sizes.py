@@ -8,7 +8,7 @@ from armor_kernels import block_pair, wrapper_overhead
 from armor_runtime.commands import prune as prune_cmd
 from armor_runtime.linear import ArmorLinear
 from armor_solver.methods import armor
-from armor_solver.pipeline import PruneSettings, prune_model
+from armor_solver.pipeline import Calibration, PruneSettings, prune_model
 
 
 def test_solver_and_runtime_share_the_rule():
@@ -35,7 +35,7 @@ def test_pipeline_without_a_block_size_keeps_every_layer_within_the_budget(solve
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     settings = PruneSettings(model="tiny", method="armor", nsamples=2, seqlen=16, block_size=None,
                              wrapper_budget=0.125, text="t.txt", extra={"sweeps": 1})
-    result = prune_model(model, None, settings, calib_ids=ids, log=lambda s: None, save=False)
+    result = prune_model(model, None, settings, calib=Calibration(ids=ids), log=lambda s: None)
     for info in result.layers.values():
         d_out, d_in = info["shape"]
         assert (info["block_out"], info["block_in"]) == block_pair(d_out, d_in, None, 0.125)
