@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from armor_kernels import ArmorWeights, choose_block_size, sparse24
+from armor_kernels import ArmorWeights, block_pair, sparse24
 
 FAMILIES = ("llama", "qwen2", "qwen3")
 
@@ -30,7 +30,7 @@ def random_armor_weights(linear: nn.Linear, preferred: int = 32, gen: torch.Gene
     """Random near-identity wrappers around the 2:4 top-2 core of the layer's weight (fp32 factors, layer dtype)."""
     w = linear.weight.detach().float()
     d_out, d_in = w.shape
-    bo, bi = choose_block_size(d_out, preferred), choose_block_size(d_in, preferred, multiple_of=4)
+    bo, bi = block_pair(d_out, d_in, preferred)
     a = torch.eye(bo) + 0.1 * torch.randn(d_out // bo, bo, bo, generator=gen)
     b = torch.eye(bi) + 0.1 * torch.randn(d_in // bi, bi, bi, generator=gen)
     mask = sparse24.topk_mask(w.abs())
