@@ -6,31 +6,40 @@
    ``L = Σ h_j (W̄ − A S B)²_ij / Σ h_j W̄²_ij`` (``h`` = ``stats.cleaned_h()``).
 2. Start from NoWag-P: ``A = B = I``, ``S = W̄ ⊙ M`` with ``M`` the top 2 of ``W̄² h``
    per group of 4. The returned loss is never above this starting loss.
-3. Fit with one of two solvers (fp32, on ``cfg.device``):
+3. Fit with one of three solvers (fp32, on ``cfg.device``):
    - ``"exact"`` (default, ``armor_exact``): closed-form updates of A and B, a CG
      solve of the kept values, and the 6-support group step, per sweep; monotone.
    - ``"adam"`` (``armor_adam``): the paper's schedule, one Adam step (lr 1e-4) and
      one sampled group per block pair per iteration, early stop, best state kept.
+   - ``"fullcov"`` (``armor_fullcov``): the output error ``||(W − Ŵ)X||²`` under the full
+     ``XᵀX`` (needs ``stats.xtx``), from SparseGPT's mask and values with ``A = B = I``;
+     monotone, so each layer's error is never above SparseGPT's (checked; raises if not).
+     Steps 1-2 above do not apply to it; ``proxy_loss`` still reports the diagonal proxy.
 4. Fold ``diag(r)`` into A's rows and ``diag(c)`` into B's columns, cast to the
    weight's dtype and pack (``ArmorWeights.from_factors``) on the weight's device.
 
 Options (``cfg.extra``, as set by the CLI):
-- ``solver``: ``"exact"`` | ``"adam"`` (``--solver``).
-- ``sweeps``: exact sweeps (``--sweeps``; default ``cfg.iters`` or 8). Stops early
-  when a sweep gains less than a relative 1e-6.
+- ``solver``: ``"exact"`` | ``"adam"`` | ``"fullcov"`` (``--solver``).
+- ``sweeps``: exact or fullcov sweeps (``--sweeps``; default ``cfg.iters`` or 8). Stops
+  early when a sweep gains less than a relative 1e-6.
 - ``time_budget``: seconds per layer for either solver (``--time-budget``).
-- ``cg_steps``: CG steps on the kept values per exact sweep (default 3).
+- ``cg_steps``: CG steps on the kept values per sweep (exact 3, fullcov 8).
+- ``damp``: fullcov's damping of ``XᵀX`` (1 % of its mean diagonal, as SparseGPT).
 - ``stop_below``: end the exact sweeps once the loss is at or below this (benchmarks).
 - ``lr``, ``seed``: Adam learning rate (1e-4) and the group-sampling seed (0).
 ``cfg.iters``: Adam iterations (default 2000; the paper uses 20,000), or the
 sweep count for the exact solver when ``sweeps`` is not given.
 ``cfg.block_size``: preferred block size per side; the largest divisor of the
 dimension not above it is used (input side: also a multiple of 4), e.g. 576 -> 96.
+``None``: the largest blocks (<= 128) whose wrappers stay within ``cfg.wrapper_budget``
+of the layer (``armor_kernels.block_pair``; 576x576 at 6.25 %: 18/16).
 
 ``info``: ``proxy_loss`` (fp32 fit), ``proxy_loss_deployed`` (after the cast to the
 weight's dtype), ``init_loss`` (NoWag-P), ``losses`` (after each sweep, or every
 10th Adam iteration), ``trace`` (``(seconds, loss)`` pairs), ``iters``, ``seconds``,
-``solver``, ``block_out``, ``block_in``.
+``solver``, ``block_out``, ``block_in``; fullcov adds ``full_loss`` (its fit),
+``full_loss_sparsegpt`` (its start), ``full_loss_deployed`` (after the cast) and ``damp``,
+and has no ``init_loss`` (its start is SparseGPT, not NoWag-P).
 """
 
 from __future__ import annotations
