@@ -3,8 +3,8 @@
 Each run is a fresh subprocess (1 torch thread) that builds a random ``d_out x d_in``
 fp32 weight and ``h = exp(randn)`` (``fullcov``: full statistics of correlated random
 inputs, built before the measurement), then prunes it with the exact solver (or
-``--solver``) at block 128 (or ``--block``) for ``--sweeps`` sweeps. Peak RSS growth is ``ru_maxrss`` after the
-prune minus ``ru_maxrss`` just before it (after a small warm-up prune, so
+``--solver``) at block 128 (or ``--block``) for ``--sweeps`` sweeps. Peak RSS growth is the high-water mark (``VmHWM``) after the
+prune minus the one just before it (after a small warm-up prune, so
 code pages and thread pools do not count); ``MALLOC_MMAP_THRESHOLD_=131072`` makes
 glibc return freed large blocks to the OS, so the peak is the true high-water mark.
 
@@ -31,6 +31,16 @@ from armor_solver.methods import armor
 from armor_solver.methods.base import PruneConfig
 from armor_solver.stats import LayerStats
 
+
+def high_water_kib():
+    # VmHWM belongs to this process's own memory map; ru_maxrss also carries the parent's peak
+    # from the fork (a parent holding a model made every growth read 0)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
 d_out, d_in, sweeps = (int(v) for v in sys.argv[1:4])
 solver, block = sys.argv[4], int(sys.argv[5])
 full = solver == "fullcov"
@@ -42,16 +52,18 @@ armor.prune(torch.randn(256, 512), warm, PruneConfig(block_size=128, extra={"sol
 g = torch.Generator().manual_seed(0)
 w = torch.randn(d_out, d_in, generator=g)
 if full:  # correlated inputs; the statistics exist before the prune (the pipeline holds them too)
-    stats = LayerStats.empty(d_in, full=True)
-    stats.add(torch.randn(2 * d_in, d_in, generator=g) @ torch.randn(d_in, d_in, generator=g))
+    stats, mix = LayerStats.empty(d_in, full=True), torch.randn(d_in, d_in, generator=g)
+    for _ in range(8):  # small batches: their temporaries must not raise the high-water mark before the prune
+        stats.add(torch.randn(256, d_in, generator=g) @ mix)
+    del mix
 else:
     stats = LayerStats(h=torch.exp(torch.randn(d_in, generator=g)), n_tokens=1)
 cfg = PruneConfig(block_size=block or None, iters=None, device="cpu", extra={"solver": solver, "sweeps": sweeps})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+before = high_water_kib()
 t0 = time.perf_counter()
 res = armor.prune(w, stats, cfg)
 sec = time.perf_counter() - t0
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = high_water_kib()
 print(json.dumps({"peak_growth_bytes": (after - before) * 1024, "matrix_bytes": w.numel() * 4,
                   "seconds": sec, "loss": res.info["proxy_loss"], "losses": res.info["losses"]}))
 """

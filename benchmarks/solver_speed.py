@@ -163,6 +163,15 @@ def main_fullcov(args) -> int:
         rows.append(fullcov_row(name.removeprefix("model.layers."), *data[name]))
         print(rows[-1], flush=True)
         write_fullcov(args.out, rows, meta)
+    from .solver_memory import measure
+
+    d_out, d_in = (int(v) for v in args.fullcov_memory_shape.split("x"))
+    mem = {s: measure(d_out, d_in, 3, solver=s, block=0) for s in ("exact", "fullcov")}
+    note = "\n".join(f"- {d_out}x{d_in} random, 3 sweeps, {s}: peak RSS growth {m['peak_growth_bytes'] / 2**20:.1f} MiB "
+                     f"= {m['multiple']:.2f}x the fp32 matrix, {m['seconds']:.1f} s" for s, m in mem.items())
+    with open(args.out / "solver_speed_fullcov.md", "a") as f:
+        f.write("\nPeak memory on a larger matrix:\n\n" + note + "\n")
+    print(note, flush=True)
     print(f"total {time.perf_counter() - t0:.0f}s; wrote {args.out}/solver_speed_fullcov.*", flush=True)
     return 0
 
@@ -236,6 +245,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--fullcov", action="store_true", help="the full-covariance solver against exact (see above)")
     ap.add_argument("--fullcov-matrices", default=FULLCOV_MATRICES)
+    ap.add_argument("--fullcov-memory-shape", default="2048x2048", help="D_OUTxD_IN of the peak-memory check")
     args = ap.parse_args(argv)
     if args.plot_only:
         plot(args.out)
