@@ -53,7 +53,7 @@ import torch
 
 from . import sparse_step
 from .armor_exact import _spd_solve
-from .armor_problem import Fit, left, right
+from .armor_problem import BlockGrid, Fit, left, right
 
 DAMP = 0.01  # as SparseGPT: fraction of the mean diagonal of Σ added to it
 DEFAULT_SWEEPS = 8
@@ -77,7 +77,7 @@ def covariance(xtx: torch.Tensor, c: torch.Tensor, damp: float = DAMP) -> torch.
 
 
 @dataclass
-class FullProblem:
+class FullProblem(BlockGrid):
     """Normalized target ``w`` (``W̄``), column covariance ``g`` (``G``), row weights ``rho`` (``r²``)."""
 
     w: torch.Tensor
@@ -91,14 +91,6 @@ class FullProblem:
         self.denom = float((self.rho * (self.wg * self.w).sum(1)).sum())
         if not self.denom > 0:
             raise ValueError("weight: ||W X|| is 0 on the calibration inputs (all-zero weight or inputs?)")
-
-    @property
-    def no(self) -> int:
-        return self.w.shape[0] // self.bo
-
-    @property
-    def ni(self) -> int:
-        return self.w.shape[1] // self.bi
 
     def loss_of(self, w_hat: torch.Tensor) -> float:
         e = self.w - w_hat
