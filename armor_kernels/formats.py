@@ -42,6 +42,32 @@ def choose_block_size(dim: int, preferred: int, multiple_of: int = 1) -> int:
     return sizes[-1]
 
 
+WRAPPER_BUDGET = 0.0625  # wrapper share of a layer: the paper's b = 128 on 4096-wide layers
+MAX_BLOCK = 128  # the paper's block size; larger blocks cost more than they gain in the kernels
+
+
+def wrapper_overhead(d_out: int, d_in: int, block_out: int, block_in: int) -> float:
+    """Wrapper elements per dense element: ``A`` holds ``d_out·block_out``, ``B`` ``d_in·block_in``."""
+    return block_out / d_in + block_in / d_out
+
+
+def block_pair(d_out: int, d_in: int, preferred: int | None = None, budget: float = WRAPPER_BUDGET,
+               largest: int = MAX_BLOCK) -> tuple[int, int]:
+    """(output block, input block) of a ``d_out x d_in`` layer; the input block is a multiple of 4.
+
+    ``preferred`` given: the largest valid sizes <= it on each side (576 with 128 -> 96, 96).
+    ``preferred`` None: the largest ``p <= largest`` whose pair keeps ``wrapper_overhead <= budget``
+    (576x576 at 6.25 %: 18, 16); the smallest pair (1, 4) when none does.
+    """
+    if preferred is not None:
+        return choose_block_size(d_out, preferred, 1), choose_block_size(d_in, preferred, 4)
+    for p in range(largest, 3, -1):
+        bo, bi = choose_block_size(d_out, p, 1), choose_block_size(d_in, p, 4)
+        if wrapper_overhead(d_out, d_in, bo, bi) <= budget:
+            return bo, bi
+    return 1, choose_block_size(d_in, 4, 4)
+
+
 class PackedShape:
     """Shape and dtype read off the packed tensors ``a``, ``values``, ``b``: shared by ``ArmorWeights`` and
     ``armor_runtime.ArmorLinear`` (which holds the same tensors as buffers)."""

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import armor_kernels
-from armor_kernels import ArmorFormatError, ArmorWeights, choose_block_size, dispatch, reference, sparse24
+from armor_kernels import ArmorFormatError, ArmorWeights, block_pair, dispatch, reference, sparse24
 from armor_kernels.formats import PackedShape
 
 # Token counts used to show which backend each regime would get (decode <= 16 tokens).
@@ -67,8 +67,9 @@ class ArmorLinear(PackedShape, nn.Module):
         super().__init__()
         if in_features % 4:
             raise ArmorFormatError(f"in_features = {in_features} is not a multiple of 4 (2:4 groups are 4 columns wide)")
-        block_out = choose_block_size(out_features, 128) if block_out is None else int(block_out)
-        block_in = choose_block_size(in_features, 128, multiple_of=4) if block_in is None else int(block_in)
+        default_out, default_in = block_pair(out_features, in_features, 128)
+        block_out = default_out if block_out is None else int(block_out)
+        block_in = default_in if block_in is None else int(block_in)
         if block_out < 1 or out_features % block_out:
             raise ArmorFormatError(f"block_out = {block_out} does not divide out_features = {out_features}")
         if block_in < 4 or in_features % block_in or block_in % 4:

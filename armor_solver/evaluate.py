@@ -42,16 +42,21 @@ def lm_eval_available() -> bool:
     return importlib.util.find_spec("lm_eval") is not None
 
 
-def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 1) -> dict:
+def run_lm_eval(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 1,
+                include_path: str | None = None) -> dict:
     """Run lm-evaluation-harness ``tasks`` on an in-memory (pruned) model; {task: metrics}.
 
-    Needs the optional ``lm_eval`` package; raises ``RuntimeError`` naming it when absent.
+    ``include_path``: a folder of task YAMLs of one's own (lm-eval's ``--include_path``), e.g. a
+    task over a local JSON file. Needs the optional ``lm_eval`` package (the ``eval`` extra);
+    raises ``RuntimeError`` naming it when absent.
     """
     if not lm_eval_available():
         raise RuntimeError("lm-evaluation-harness is not installed (pip install lm_eval); perplexity still works")
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit)
+    manager = TaskManager(include_path=include_path) if include_path else None
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
     return out["results"]

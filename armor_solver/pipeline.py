@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 from tqdm.auto import tqdm
 
-from armor_kernels import ArmorWeights, choose_block_size, layer_bytes, reference
+from armor_kernels import WRAPPER_BUDGET, ArmorWeights, block_pair, layer_bytes, reference
 from armor_kernels.formats import ArmorFormatError
 
 from . import calibration, data, resume
@@ -45,7 +45,8 @@ class PruneSettings:
     method: str
     nsamples: int = 128
     seqlen: int = 2048
-    block_size: int = 128
+    block_size: int | None = 128  # None: per layer, the largest blocks within wrapper_budget (armor_kernels.block_pair)
+    wrapper_budget: float = WRAPPER_BUDGET
     iters: int | None = None
     text: str = data.WIKIPEDIA
     targets: list[str] | None = None
@@ -59,12 +60,15 @@ class PruneSettings:
         prop = self.propagation or registry.propagation(self.method)  # an unknown method raises here
         if prop not in ("dense", "sequential"):
             raise PipelineError(f"propagation {prop!r}: choose 'dense' or 'sequential'")
-        for name, value, least in (("nsamples", self.nsamples, 1), ("seqlen", self.seqlen, 2), ("block_size", self.block_size, 4)):
+        sizes = (("nsamples", self.nsamples, 1), ("seqlen", self.seqlen, 2), ("block_size", self.block_size, 4))
+        for name, value, least in sizes if self.block_size is not None else sizes[:2]:
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 why = " (input blocks hold whole 2:4 groups)" if name == "block_size" else ""
                 raise PipelineError(f"--{name.replace('_', '-')} {value!r}: must be an integer of at least {least}{why}")
         if self.iters is not None and (isinstance(self.iters, bool) or not isinstance(self.iters, int) or self.iters < 0):
             raise PipelineError(f"--iters {self.iters!r}: must be an integer of at least 0")
+        if isinstance(self.wrapper_budget, bool) or not isinstance(self.wrapper_budget, (int, float)) or not self.wrapper_budget > 0:
+            raise PipelineError(f"--wrapper-budget {self.wrapper_budget!r}: must be a number above 0 (a share of each layer)")
         if self.dtype and self.dtype not in SAVE_DTYPES:
             raise PipelineError(f"--dtype {self.dtype!r}: choose one of {', '.join(SAVE_DTYPES)}")
         registry.check_options(self.method, self.extra, near=tuple(f.name for f in fields(PruneSettings)))
@@ -97,15 +101,14 @@ class PipelineResult:
 
 
 # ---- validation ------------------------------------------------------------------
-def check_block_sizes(by_block, block_size: int) -> None:
+def check_block_sizes(by_block, block_size: int | None, budget: float = WRAPPER_BUDGET) -> None:
     """Every target must have a valid block size on both sides, checked before any work."""
     for linears in by_block.values():
         for name, m in linears.items():
             try:
                 if m.in_features % 4:
                     raise ArmorFormatError(f"d_in = {m.in_features} is not a multiple of 4 (2:4 groups)")
-                choose_block_size(m.out_features, block_size)
-                choose_block_size(m.in_features, block_size, 4)
+                block_pair(m.out_features, m.in_features, block_size, budget)
             except ArmorFormatError as e:
                 raise PipelineError(f"{name} [{m.out_features}x{m.in_features}]: no valid block size: {e}") from None
 
@@ -125,7 +128,7 @@ def _wrapper_warning(by_block, settings: PruneSettings, elem: int) -> str | None
     big = []
     for linears in by_block.values():
         for name, m in linears.items():
-            bo, bi = block_sizes(m.out_features, m.in_features, settings.block_size)
+            bo, bi = block_sizes(m.out_features, m.in_features, settings.block_size, settings.wrapper_budget)
             size = layer_bytes(m.out_features, m.in_features, bo, bi, elem)
             if size["armor_wrappers"] > size["armor_core"]:
                 big.append(f"{name} [{m.out_features}x{m.in_features}] blocks {bo}/{bi}: "
@@ -198,7 +201,7 @@ class _Run:
             self.by_block = calibration.find_targets(self.model, self.settings.targets, self.settings.ignore)
         except ValueError as e:
             raise PipelineError(str(e)) from None
-        check_block_sizes(self.by_block, self.settings.block_size)
+        check_block_sizes(self.by_block, self.settings.block_size, self.settings.wrapper_budget)
         check_finite_weights(self.by_block)
         self.names = [n for linears in self.by_block.values() for n in linears]
         self.save_dtype = getattr(torch, self.settings.dtype) if self.settings.dtype else None
@@ -238,7 +241,7 @@ class _Run:
         if self.cached:
             stats = {n: self.calib.dense_stats[n] for n in linears}
         else:
-            stats = calibration.new_stats(linears, registry.needs_xtx(self.settings.method), self.device)
+            stats = calibration.new_stats(linears, registry.needs_xtx(self.settings.method, self.settings.extra), self.device)
             # dense mode: one pass gives the statistics and the next block's (dense) inputs
             dense = self.settings.propagation == "dense" and i < self.last
             self.runner.run_block(i, stats, linears, advance=dense)
@@ -248,7 +251,8 @@ class _Run:
 
     def prune_block(self, i: int, stats: dict, bar) -> dict[str, ArmorWeights]:
         s = self.settings
-        cfg = PruneConfig(block_size=s.block_size, iters=s.iters, device=self.device, extra=dict(s.extra))
+        cfg = PruneConfig(block_size=s.block_size, wrapper_budget=s.wrapper_budget, iters=s.iters, device=self.device,
+                          extra=dict(s.extra))
         prune_fn = registry.get(s.method)
         block = {}
         for name, linear in self.by_block.get(i, {}).items():

@@ -376,10 +376,9 @@ def random_armor_weights(d_out: int, d_in: int, block: int, dtype: torch.dtype, 
     """Random ARMOR factors with a valid 2:4 core. Kernel speed does not depend on the
     values, so random factors time the same as solved ones. Wrappers are identity plus
     small noise so outputs stay O(1) and a correctness check is meaningful."""
-    from armor_kernels import ArmorWeights, choose_block_size
+    from armor_kernels import ArmorWeights, block_pair
 
-    b_out = choose_block_size(d_out, block, 1)
-    b_in = choose_block_size(d_in, block, 4)
+    b_out, b_in = block_pair(d_out, d_in, block)
     core = torch.randn(d_out, d_in, device=device) / math.sqrt(d_in / 2)
     mask = random_24_mask(d_out, d_in, device)
     a = torch.eye(b_out, device=device) + 0.05 * torch.randn(d_out // b_out, b_out, b_out, device=device)

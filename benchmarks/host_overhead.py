@@ -25,9 +25,9 @@ import torch
 
 
 def _layer(d_out, d_in, b, dtype):
-    from armor_kernels.formats import choose_block_size
+    from armor_kernels.formats import block_pair
 
-    bo, bi = choose_block_size(d_out, b), choose_block_size(d_in, b, 4)
+    bo, bi = block_pair(d_out, d_in, b)
     a = torch.randn(d_out // bo, bo, bo).to(dtype)
     bb = torch.randn(d_in // bi, bi, bi).to(dtype)
     values = torch.randn(d_out, d_in // 2).to(dtype)

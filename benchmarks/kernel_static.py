@@ -145,9 +145,9 @@ def decode_launches(tb, sm_count, d_out, d_in, tokens, dtype, bias=False, pdl=Fa
     launch the same kernels with the same configuration, except that only the hot path uses
     programmatic dependent launch (``pdl``): then the second call is the one recorded.
     """
-    from armor_kernels.formats import choose_block_size
+    from armor_kernels.formats import block_pair
 
-    bo, bi = choose_block_size(d_out, 128), choose_block_size(d_in, 128, 4)
+    bo, bi = block_pair(d_out, d_in, 128)
     dev = "meta"
     x = torch.empty(tokens, d_in, dtype=dtype, device=dev)
     a = torch.empty(d_out // bo, bo, bo, dtype=dtype, device=dev)
@@ -165,9 +165,9 @@ def decode_launches(tb, sm_count, d_out, d_in, tokens, dtype, bias=False, pdl=Fa
 
 def wrapper_launches(tb, sm_count, d_out, d_in, tokens, dtype):
     """The two wrappers on their own (prefill path around cuSPARSELt): B on x, A on z."""
-    from armor_kernels.formats import choose_block_size
+    from armor_kernels.formats import block_pair
 
-    bo, bi = choose_block_size(d_out, 128), choose_block_size(d_in, 128, 4)
+    bo, bi = block_pair(d_out, d_in, 128)
     dev = "meta"
     with recording(tb, sm_count) as rec:
         tb.blockdiag(torch.empty(tokens, d_in, dtype=dtype, device=dev), torch.empty(d_in // bi, bi, bi, dtype=dtype, device=dev))

@@ -14,6 +14,15 @@ iterations (when that many were run). Writes ``solver_speed.csv`` (the table),
 
     python3 -m benchmarks.solver_speed                      # ~20 min on 2 shared cores
     python3 -m benchmarks.solver_speed --plot-only          # redraw from the CSVs
+    python3 -m benchmarks.solver_speed --fullcov            # full-covariance solver against exact
+
+``--fullcov``: for each matrix (``--fullcov-matrices``), at the CLI's default blocks
+(wrappers <= 6.25 % of the layer), the exact solver and the full-covariance solver
+run 8 sweeps each on the real matrix and its calibration statistics; the table has
+their seconds per layer, each result's output error ``||(W - Ŵ)X||² / ||WX||²``
+(damped as SparseGPT damps XᵀX) beside SparseGPT's, and the peak RSS growth of each
+solver on a random matrix of the same shape (``benchmarks.solver_memory``, a fresh
+process, 1 thread). Writes ``solver_speed_fullcov.{csv,md}``.
 """
 
 from __future__ import annotations
@@ -34,7 +43,10 @@ DEFAULT_MATRICES = "10.self_attn.k_proj:20000,10.self_attn.q_proj:2000,10.mlp.do
 MILESTONES = (350, 2000, 20000)
 
 
-def calibrate(names: list[str], nsamples: int, seqlen: int):
+FULLCOV_MATRICES = "10.self_attn.q_proj,10.self_attn.k_proj,10.mlp.up_proj,10.mlp.down_proj"
+
+
+def calibrate(names: list[str], nsamples: int, seqlen: int, full: bool = False):
     """(weights, LayerStats) of the named linears from a dense calibration pass."""
     from armor_runtime.loading import load_model
     from armor_solver import calibration, data
@@ -43,7 +55,7 @@ def calibrate(names: list[str], nsamples: int, seqlen: int):
     ids = data.calibration_ids(tok, data.load_wikipedia(), nsamples, seqlen)
     last = max(int(n.split(".")[2]) for n in names)
     ignore = [f"*.layers.{i}.*" for i in range(last + 1, 1000)]  # stop after the last needed block
-    stats = calibration.collect_dense_stats(model, ids, ignore=ignore)
+    stats = calibration.collect_dense_stats(model, ids, ignore=ignore, full=full)
     mods = dict(model.named_modules())
     return {n: (mods[n].weight.detach().float().clone(), stats[n]) for n in names}
 
@@ -97,6 +109,71 @@ def run_matrix(name: str, weight, stats, adam_iters: int, device: str, exact_min
     step = max(1, len(tr_adam) // 400)
     trace = [(name, "adam", t, l) for t, l in best_adam[::step]] + [(name, "exact", t, l) for t, l in ex["trace"]]
     return rows, trace
+
+
+def fullcov_row(name: str, weight, stats, sweeps: int = 8) -> dict:
+    """Exact against fullcov on one real matrix: seconds, output errors, peak memory (fresh processes)."""
+    from armor_solver.methods import armor, armor_fullcov
+    from armor_solver.methods.base import PruneConfig
+
+    from .solver_memory import measure
+
+    row = {"matrix": name, "shape": "x".join(map(str, weight.shape))}
+    for solver in ("exact", "fullcov"):
+        res = armor.prune(weight, stats, PruneConfig(block_size=None, extra={"solver": solver, "sweeps": sweeps}))
+        row["blocks"] = f"{res.info['block_out']}/{res.info['block_in']}"
+        row[f"{solver}_s"] = round(res.info["seconds"], 2)
+        row[f"{solver}_error"] = armor_fullcov.deployed_loss(weight, res.weights, stats.xtx)
+        if solver == "fullcov":
+            row["sparsegpt_error"] = res.info["full_loss_sparsegpt"]
+        mem = measure(*weight.shape, sweeps, solver=solver, block=0)
+        row[f"{solver}_peak_mib"] = round(mem["peak_growth_bytes"] / 2**20, 1)
+        row[f"{solver}_peak_x"] = round(mem["multiple"], 2)
+        row[f"{solver}_mem_s"] = round(mem["seconds"], 2)
+    return row
+
+
+def write_fullcov(out: Path, rows: list[dict], meta: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "solver_speed_fullcov.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    lines = ["# ARMOR full-covariance solver against the exact (diagonal) solver, per layer", "", meta, "",
+             ("| matrix | shape | blocks | SparseGPT error | exact error | fullcov error | exact s | fullcov s | "
+             "exact peak MiB (x matrix) | fullcov peak MiB (x matrix) |"), "|" + "---|" * 10]
+    for r in rows:
+        lines.append(f"| {r['matrix']} | {r['shape']} | {r['blocks']} | {r['sparsegpt_error']:.4f} | "
+                     f"{r['exact_error']:.4f} | {r['fullcov_error']:.4f} | {r['exact_s']} | {r['fullcov_s']} | "
+                     f"{r['exact_peak_mib']} ({r['exact_peak_x']}x) | {r['fullcov_peak_mib']} ({r['fullcov_peak_x']}x) |")
+    (out / "solver_speed_fullcov.md").write_text("\n".join(lines) + "\n")
+
+
+def main_fullcov(args) -> int:
+    names = [f"model.layers.{m}" for m in args.fullcov_matrices.split(",")]
+    t0 = time.perf_counter()
+    data = calibrate(names, args.nsamples, args.seqlen, full=True)
+    meta = (f"SmolLM2-135M (GGUF Q4_1 dequantized), XᵀX from {args.nsamples}x{args.seqlen} Wikipedia tokens; "
+            f"8 sweeps each; error = ||(W - Ŵ)X||² / ||WX||² with XᵀX damped by 1 % of its mean diagonal; "
+            f"{args.threads} torch thread(s) on {os.cpu_count()} shared, busy cores; torch {torch.__version__}. "
+            "The fullcov seconds include its SparseGPT start. Peak memory: RSS growth of a fresh process on a "
+            "random matrix of the shape (`benchmarks.solver_memory`, statistics built before the measurement).")
+    rows = []
+    for name in names:
+        rows.append(fullcov_row(name.removeprefix("model.layers."), *data[name]))
+        print(rows[-1], flush=True)
+        write_fullcov(args.out, rows, meta)
+    from .solver_memory import measure
+
+    d_out, d_in = (int(v) for v in args.fullcov_memory_shape.split("x"))
+    mem = {s: measure(d_out, d_in, 3, solver=s, block=0) for s in ("exact", "fullcov")}
+    note = "\n".join(f"- {d_out}x{d_in} random, 3 sweeps, {s}: peak RSS growth {m['peak_growth_bytes'] / 2**20:.1f} MiB "
+                     f"= {m['multiple']:.2f}x the fp32 matrix, {m['seconds']:.1f} s" for s, m in mem.items())
+    with open(args.out / "solver_speed_fullcov.md", "a") as f:
+        f.write("\nPeak memory on a larger matrix:\n\n" + note + "\n")
+    print(note, flush=True)
+    print(f"total {time.perf_counter() - t0:.0f}s; wrote {args.out}/solver_speed_fullcov.*", flush=True)
+    return 0
 
 
 def write(out: Path, rows, trace, meta: str):
@@ -166,12 +243,17 @@ def main(argv=None) -> int:
     ap.add_argument("--exact-min", type=float, default=30.0, help="exact solver time floor per matrix (s)")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--fullcov", action="store_true", help="the full-covariance solver against exact (see above)")
+    ap.add_argument("--fullcov-matrices", default=FULLCOV_MATRICES)
+    ap.add_argument("--fullcov-memory-shape", default="2048x2048", help="D_OUTxD_IN of the peak-memory check")
     args = ap.parse_args(argv)
     if args.plot_only:
         plot(args.out)
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    if args.fullcov:
+        return main_fullcov(args)
     spec = [m.split(":") for m in args.matrices.split(",")]
     names = [f"model.layers.{m}" for m, _ in spec]
     t0 = time.perf_counter()

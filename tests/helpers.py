@@ -7,7 +7,7 @@ import random
 import torch
 from torch import nn
 
-from armor_kernels import ArmorWeights, choose_block_size, sparse24
+from armor_kernels import ArmorWeights, block_pair, sparse24
 
 
 def random_layer_weights(d_out: int, d_in: int, block_out: int, block_in: int, dtype=torch.float32, bias: bool = True,
@@ -43,7 +43,7 @@ def nowag_p_weights(model: nn.Module, targets, block: int = 128) -> dict[str, Ar
             continue
         w = m.weight.detach()
         mask = nowag_mask(normalize(w)[0], torch.ones(w.shape[1]))
-        bo, bi = choose_block_size(w.shape[0], block), choose_block_size(w.shape[1], block, multiple_of=4)
+        bo, bi = block_pair(w.shape[0], w.shape[1], block)
         bias = None if m.bias is None else m.bias.detach()
         out[name] = ArmorWeights.from_dense(w * mask, bo, bi, bias=bias, mask=mask)
     return out
@@ -118,7 +118,7 @@ def random_armor_weights(linear: nn.Linear, preferred: int = 32, gen: torch.Gene
     """Random near-identity wrappers around the 2:4 top-2 core of the layer's weight (fp32 factors, layer dtype)."""
     w = linear.weight.detach().float()
     d_out, d_in = w.shape
-    bo, bi = choose_block_size(d_out, preferred), choose_block_size(d_in, preferred, multiple_of=4)
+    bo, bi = block_pair(d_out, d_in, preferred)
     a = torch.eye(bo) + 0.1 * torch.randn(d_out // bo, bo, bo, generator=gen)
     b = torch.eye(bi) + 0.1 * torch.randn(d_in // bi, bi, bi, generator=gen)
     mask = sparse24.topk_mask(w.abs())

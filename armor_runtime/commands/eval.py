@@ -17,6 +17,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks (needs lm_eval installed)")
     parser.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
+    parser.add_argument("--tasks-path", default=None,
+                        help="lm-eval: a folder of task YAMLs of your own (e.g. a task over a local JSON file)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -40,7 +42,8 @@ def run(args) -> int:
         if not evaluate.lm_eval_available():
             print("lm_eval is not installed: skipping --tasks", file=sys.stderr)
         else:
-            result["lm_eval"] = evaluate.run_lm_eval(model, tokenizer, args.tasks.split(","), limit=args.limit)
+            result["lm_eval"] = evaluate.run_lm_eval(model, tokenizer, args.tasks.split(","), limit=args.limit,
+                                                     include_path=args.tasks_path)
     if args.json:
         print(json.dumps(result, indent=1, default=str))
     else:

@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from armor_kernels import WRAPPER_BUDGET
 from armor_solver import methods as registry
 
 from ._common import add_trust_remote_code, check_device, check_shard_size
@@ -28,7 +29,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--method", required=True, choices=list(registry.METHODS))
     parser.add_argument("--out", required=True, help="output checkpoint directory (resumes an unfinished run of the same command)")
     parser.add_argument("--iters", type=int, default=None, help="ARMOR iteration budget (default: the method's)")
-    parser.add_argument("--block-size", type=int, default=128, help="preferred wrapper block size per side (largest valid divisor <= this is used)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="preferred wrapper block size per side (largest valid divisor <= this is used); "
+                             "default: per layer, the largest (at most 128) within --wrapper-budget")
+    parser.add_argument("--wrapper-budget", type=float, default=WRAPPER_BUDGET,
+                        help="without --block-size: the wrappers' share of each layer, b_out/d_in + b_in/d_out "
+                             "(default 0.0625, the paper's 128-wide blocks on 4096-wide layers)")
     parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
     parser.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration sequence")
     parser.add_argument("--device", default="cpu", help="where each block and the solver run (the model stays on CPU)")
@@ -107,6 +113,7 @@ def settings_from_args(args, dtype: str | None = None):
         nsamples=args.nsamples,
         seqlen=args.seqlen,
         block_size=args.block_size,
+        wrapper_budget=args.wrapper_budget,
         iters=args.iters,
         text=args.text or data.WIKIPEDIA,
         targets=_split(args.targets) or None,

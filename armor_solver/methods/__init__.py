@@ -4,7 +4,8 @@ Modules load lazily so a method that is absent or broken only fails when used.
 Each module defines ``prune(weight, stats, cfg)`` and may set ``PROPAGATION``
 ("dense": statistics of the dense model, as ARMOR and NoWag-P are published;
 "sequential": inputs through the already-pruned earlier blocks, as Wanda and
-SparseGPT are), ``NEEDS_XTX`` (full XᵀX instead of its diagonal) and ``OPTIONS``
+SparseGPT are), ``NEEDS_XTX`` (full XᵀX instead of its diagonal; or a function
+``needs_xtx(extra)`` when an option decides) and ``OPTIONS``
 (``{key: base.Option}``, the ``cfg.extra`` keys it reads; a method without it takes none).
 """
 
@@ -42,8 +43,12 @@ def propagation(name: str) -> str:
     return getattr(module(name), "PROPAGATION", DEFAULT_PROPAGATION.get(name, "dense"))
 
 
-def needs_xtx(name: str) -> bool:
-    return bool(getattr(module(name), "NEEDS_XTX", False))
+def needs_xtx(name: str, extra: dict | None = None) -> bool:
+    """Whether method ``name`` with options ``extra`` needs the full XᵀX (its ``needs_xtx(extra)``, else ``NEEDS_XTX``)."""
+    mod = module(name)
+    if hasattr(mod, "needs_xtx"):
+        return bool(mod.needs_xtx(dict(extra or {})))
+    return bool(getattr(mod, "NEEDS_XTX", False))
 
 
 def options(name: str) -> dict:

@@ -64,8 +64,20 @@ class Fit:
     iters: int
 
 
+class BlockGrid:
+    """Block counts of a layer ``w`` cut into ``bo`` x ``bi`` wrapper blocks (both solvers' problems)."""
+
+    @property
+    def no(self) -> int:
+        return self.w.shape[0] // self.bo
+
+    @property
+    def ni(self) -> int:
+        return self.w.shape[1] // self.bi
+
+
 @dataclass
-class Problem:
+class Problem(BlockGrid):
     """Normalized target ``w`` (``W̄``), column weights ``h`` and the loss denominator."""
 
     w: torch.Tensor  # [d_out, d_in] fp32
@@ -91,14 +103,6 @@ class Problem:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.w.shape)
-
-    @property
-    def no(self) -> int:
-        return self.w.shape[0] // self.bo
-
-    @property
-    def ni(self) -> int:
-        return self.w.shape[1] // self.bi
 
     def identity_wrappers(self) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.w.device

@@ -6,14 +6,15 @@ import difflib
 import math
 from dataclasses import dataclass, field
 
-from armor_kernels import ArmorWeights
+from armor_kernels import WRAPPER_BUDGET, ArmorWeights
 
 
 @dataclass
 class PruneConfig:
     """Settings shared by the methods; each method reads what it needs."""
 
-    block_size: int = 128  # preferred wrapper block size per side (the largest valid divisor <= this is used)
+    block_size: int | None = 128  # preferred wrapper block size per side (the largest valid divisor <= this is used)
+    wrapper_budget: float = WRAPPER_BUDGET  # block_size None: the largest blocks whose wrappers stay within this share
     iters: int | None = None  # ARMOR: iteration / sweep budget (None: the method's default)
     device: str = "cpu"
     extra: dict = field(default_factory=dict)  # method-specific options, recorded in the checkpoint
@@ -34,7 +35,7 @@ class Option:
     default: object = None  # what applies when the option is not given
     choices: tuple = ()
     minimum: float | None = None  # inclusive
-    only_with: tuple[str, object] | None = None  # (other option, value) it applies with, e.g. ("solver", "adam")
+    only_with: tuple | None = None  # (other option, value or tuple of values) it applies with, e.g. ("solver", "adam")
 
 
 def flag(key: str) -> str:
@@ -72,5 +73,7 @@ def check_options(method: str, options: dict[str, Option], extra: dict, near: tu
         if opt.only_with is not None:
             other, wanted = opt.only_with
             current = extra.get(other, options[other].default)
-            if current != wanted:
-                raise ValueError(f"{where}: applies only with {flag(other)} {wanted} (here {flag(other)} is {current})")
+            wanted = wanted if isinstance(wanted, tuple) else (wanted,)
+            if current not in wanted:
+                need = " or ".join(map(str, wanted))
+                raise ValueError(f"{where}: applies only with {flag(other)} {need} (here {flag(other)} is {current})")

@@ -38,11 +38,17 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @torch.no_grad()
 def prune(weight: torch.Tensor, stats: LayerStats, cfg: PruneConfig) -> MethodResult:
+    check_options("sparsegpt", OPTIONS, cfg.extra)
+    w, mask = solve(weight, stats, float(cfg.extra.get("damp", DAMP)))
+    return plain24_result(weight, w, mask, stats)
+
+
+@torch.no_grad()
+def solve(weight: torch.Tensor, stats: LayerStats, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT's updated weights (fp32, on ``weight``'s device) and 2:4 keep-mask."""
     check_weight(weight, stats)
     if stats is None or stats.xtx is None:
         raise ValueError("sparsegpt: needs the full XᵀX statistics (LayerStats with xtx)")
-    check_options("sparsegpt", OPTIONS, cfg.extra)
-    damp = float(cfg.extra.get("damp", DAMP))
     w = weight.detach().float().clone()
     h = stats.xtx.to(w.device, torch.float32).clone()
     dead = h.diagonal() == 0  # inputs that were always zero: their weights never matter
@@ -70,4 +76,4 @@ def prune(weight: torch.Tensor, stats: LayerStats, cfg: PruneConfig) -> MethodRe
             err_blk[:, i] = err
         w[:, start:end] = w_blk
         w[:, end:] -= err_blk @ u[start:end, end:]
-    return plain24_result(weight, w, mask, stats)
+    return w, mask

@@ -91,3 +91,38 @@ def test_block_size_choice():
     assert valid_block_sizes(12, 4) == [4, 12]
     with pytest.raises(ArmorFormatError, match="no block size"):
         choose_block_size(6, 128, multiple_of=4)
+
+
+@pytest.mark.parametrize("d_out,d_in,expected", [
+    (576, 576, (18, 16)),  # SmolLM2 attention: 34/576 = 5.9 %
+    (192, 576, (8, 8)),  # SmolLM2 k/v: 8/576 + 8/192 = 5.6 %
+    (1536, 576, (24, 24)),
+    (4096, 4096, (128, 128)),  # the paper's setting is exactly the budget
+    (14336, 4096, (128, 128)),  # capped at 128
+    (64, 32, (1, 4)),  # no block fits 6.25 % of so small a layer: the cheapest pair
+])
+def test_block_pair_is_the_largest_within_the_wrapper_budget(d_out, d_in, expected):
+    from armor_kernels import WRAPPER_BUDGET, block_pair, wrapper_overhead
+
+    bo, bi = block_pair(d_out, d_in)
+    assert (bo, bi) == expected
+    assert d_out % bo == 0 and d_in % bi == 0 and bi % 4 == 0
+    if (bo, bi) != (1, 4):
+        assert wrapper_overhead(d_out, d_in, bo, bi) <= WRAPPER_BUDGET
+    # no larger preferred size (up to 128) stays within the budget
+    for p in range(max(bo, bi) + 1, 129):
+        pair = block_pair(d_out, d_in, p)
+        assert pair == (bo, bi) or wrapper_overhead(d_out, d_in, *pair) > WRAPPER_BUDGET
+
+
+def test_block_pair_with_a_preferred_size_and_other_budgets():
+    from armor_kernels import block_pair
+
+    assert block_pair(576, 576, 128) == (96, 96)  # a preferred size: the largest valid divisors
+    assert block_pair(576, 1536, 128) == (96, 128)
+    assert block_pair(576, 576, budget=1 / 3) == (96, 96)  # 192/576 = the budget exactly
+    assert block_pair(576, 576, budget=0.01) == (1, 4)
+    assert block_pair(4096, 4096, budget=0.5, largest=64) == (64, 64)
+    with pytest.raises(ArmorFormatError):
+        block_pair(576, 578, 128)  # d_in not a multiple of 4
+

@@ -369,9 +369,10 @@ def test_bf16_source_pruned_at_the_defaults_gives_a_bf16_checkpoint(bf16_model_d
     from armor_runtime.sizes import weight_bytes
 
     out = tmp_path / "ckpt"
-    # the defaults, except a calibration small enough for the tiny model and text
+    # the defaults, except a calibration small enough for the tiny model and text, and --block-size 128 (the
+    # default budget would give these 32..128-wide layers the cheapest 1/4 wrappers)
     assert cli.main(["prune", "--model", bf16_model_dir, "--method", "armor", "--out", str(out), "--nsamples", "3",
-                     "--seqlen", "32", "--text", solver_text_file]) == 0
+                     "--seqlen", "32", "--text", solver_text_file, "--block-size", "128"]) == 0
     captured = capsys.readouterr()
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == "bfloat16"
