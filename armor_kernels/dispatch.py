@@ -46,8 +46,10 @@ from .backends.base import DECODE_MAX_TOKENS, OPS, Backend, cusparselt_layout_en
 #   cuda medium/prefill: the 2:4 core on our extension (cuSPARSELt with a searched
 #     plan, or expand + cuBLAS without the opt-in layout), then PyTorch's cuSPARSELt
 #     (opt-in layout only); the wrappers on Triton.
-#   cpu: the reference; the Triton interpreter (TRITON_INTERPRET=1, for tests) only when
-#     the reference is disabled or triton is forced.
+#   cpu: cpu_dense (W_hat multiplied out once at prepare, one dense matmul per call: dense
+#     speed for the dense layer's bytes again), then the reference (no layout; about 14x slower
+#     generation on SmolLM2), and the Triton interpreter (TRITON_INTERPRET=1, for tests)
+#     only when both are disabled or triton is forced.
 SELECTION: dict[str, dict[str, tuple[str, ...]]] = {
     "cuda": {
         "decode": ("triton", "reference"),
@@ -55,9 +57,9 @@ SELECTION: dict[str, dict[str, tuple[str, ...]]] = {
         "prefill": ("cuda_ext", "triton", "torch_sparse", "reference"),
     },
     "cpu": {
-        "decode": ("reference", "triton"),
-        "medium": ("reference", "triton"),
-        "prefill": ("reference", "triton"),
+        "decode": ("cpu_dense", "reference", "triton"),
+        "medium": ("cpu_dense", "reference", "triton"),
+        "prefill": ("cpu_dense", "reference", "triton"),
     },
 }
 # Regimes by token count: decode is memory-bound, prefill compute-bound.
@@ -67,7 +69,7 @@ REGIME_TOKENS = {"decode": 1, "medium": 64, "prefill": 1024}
 
 # Every backend module. A module that fails to import is recorded with its error and
 # never breaks ``import armor_kernels``.
-BACKEND_MODULES = ("reference", "triton", "torch_sparse", "cuda_ext")
+BACKEND_MODULES = ("reference", "cpu_dense", "triton", "torch_sparse", "cuda_ext")
 
 __all__ = ["DECODE_MAX_TOKENS", "SELECTION", "BackendUnavailable", "prepare", "run", "select"]
 

@@ -18,7 +18,7 @@ Phases, one row each: ``weights`` (bytes held by the model, bytes the backends h
 layouts, resident GPU memory), ``prefill`` (batch 1, ``--prefill`` tokens, logits of the
 last position only), ``decode`` (``--decode-batches``, ``--new-tokens`` greedy steps after a
 ``--prompt``-token prompt; ``benchmarks/e2e/decode.py``), ``disk`` (``save_pretrained``).
-On CPU the ARMOR rows run the reference path and say "cpu reference".
+On CPU the ARMOR rows run `cpu_dense` (W_hat multiplied out once, "armor_linear via cpu_dense").
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ Providers (``--providers``, comma-separated, default all):
   cuSPARSELt's compressed copy of its core; the ``layout_bytes`` column says how much).
 
 Every point writes one row per provider; a provider that cannot run writes status
-``unavailable`` with the reason. On CPU only ``dense`` and ``armor_reference`` (the
-CPU runtime path, labelled "cpu reference") are timed unless named explicitly.
+``unavailable`` with the reason. On CPU only ``dense``, ``armor_cpu_dense`` (the CPU runtime
+path: ``W_hat`` multiplied out once) and ``armor_reference`` (labelled "cpu reference") are timed
+unless named explicitly.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ TOKENS = (1, 4, 16, 64, 256, 1024, 2048, 4096)
 SMOKE_TOKENS = (1, 16)
 PLAIN24 = ("cslt_search", "cslt_alg0")
 AUTO = "auto"  # armor_auto: dispatch's own choice, what ArmorLinear runs
+CPU_TIMED = ("armor_reference", "armor_cpu_dense")  # the others only say whether they could run
 CSLT = "+cslt"  # armor_<name>+cslt: with ARMOR_CUSPARSELT_LAYOUT=1 (cuSPARSELt's copy of each core kept)
 
 COLUMNS = common.ENV_COLUMNS + [
@@ -185,11 +187,12 @@ def run_point(ctx: dict, tokens: int, providers: list[str], explicit: set[str], 
             if (
                 device.type == "cpu"
                 and prov.startswith("armor_")
-                and prov != "armor_reference"
+                and prov not in CPU_TIMED
                 and prov not in explicit
             ):
                 armor_choice(prov[len("armor_") :], x, ctx["armor"])  # unavailable beats skipped
-                row.update(status="skipped", reason="on CPU only the reference path is timed (name it in --providers)")
+                row.update(status="skipped",
+                           reason="on CPU only cpu_dense and the reference are timed (name it in --providers)")
             else:
                 row.update(measure(prov, ctx, x, row, args))
                 if row["max_rel_err"] > REL_ERR_LIMIT:

@@ -18,14 +18,18 @@ def args(w, tokens=1):
     return torch.randn(tokens, 32), (w.a, w.values, w.meta, w.b, w.bias)
 
 
-def test_cpu_picks_reference_even_with_the_interpreter(monkeypatch):
+def test_cpu_picks_cpu_dense_then_reference_even_with_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, ws = args(make())
-    choice = dispatch.select("armor_linear", x, *ws)
-    assert choice.backend.name == "reference"
+    assert dispatch.select("armor_linear", x, *ws).backend.name == "cpu_dense"
+    # the other ops have no CPU layout: the reference runs them
+    assert dispatch.select("sparse24_matmul", x, ws[1], ws[2], None).backend.name == "reference"
     for regime in dispatch.REGIME_TOKENS:
         row = dispatch.order("cpu", regime)
-        assert row[0] == "reference" and row.index("triton") > 0
+        assert row[:2] == ("cpu_dense", "reference") and row.index("triton") > 1
+    monkeypatch.setenv("ARMOR_DISABLED_BACKENDS", "cpu_dense")
+    dispatch.reset()
+    assert dispatch.select("armor_linear", x, *ws).backend.name == "reference"
 
 
 def test_forced_backend_that_cannot_run_raises_its_reason(monkeypatch):
@@ -97,14 +101,19 @@ class CountingBackend(Backend):
         return reference.sparse24_matmul(x, values, meta, bias)
 
 
+def _without_cpu_dense(names):
+    return tuple(n for n in names if n != "cpu_dense")
+
+
 @pytest.fixture
 def counting(monkeypatch):
-    """A new backend registered and put first in every CPU row of the selection table."""
+    """A new backend registered and put first in every CPU row of the selection table (without cpu_dense,
+    which runs whole layers: these tests are about layers composed around a fast core)."""
     backend = CountingBackend()
     table = dict(dispatch._load())
     table[backend.name] = backend
     monkeypatch.setattr(dispatch, "_backends", table)
-    rows = {r: ("counting", *names) for r, names in dispatch.SELECTION["cpu"].items()}
+    rows = {r: ("counting", *_without_cpu_dense(names)) for r, names in dispatch.SELECTION["cpu"].items()}
     monkeypatch.setitem(dispatch.SELECTION, "cpu", rows)
     return backend
 
@@ -156,7 +165,7 @@ def test_plan_covers_every_regime_and_op():
     plan = dispatch.plan("cpu", torch.bfloat16, 64, 64, 32)
     assert set(plan) == {"decode", "medium", "prefill"}
     for ops in plan.values():
-        assert ops == {"blockdiag_matmul": "reference", "sparse24_matmul": "reference", "armor_linear": "reference"}
+        assert ops == {"blockdiag_matmul": "reference", "sparse24_matmul": "reference", "armor_linear": "cpu_dense"}
     assert not dispatch._cache, "plan must not fill the cache"
 
 
@@ -241,7 +250,7 @@ def test_prepare_builds_only_what_the_layer_runs_and_frees_the_rest(monkeypatch)
 
     first, second = Layout("first"), Layout("second")
     monkeypatch.setattr(dispatch, "_backends", {**dispatch._load(), "first": first, "second": second})
-    rows = {r: ("first", "second", *names) for r, names in dispatch.SELECTION["cpu"].items()}
+    rows = {r: ("first", "second", *_without_cpu_dense(names)) for r, names in dispatch.SELECTION["cpu"].items()}
     monkeypatch.setitem(dispatch.SELECTION, "cpu", rows)
     w = make()
     held = dispatch.prepare(w.a, w.values, w.meta, w.b, w.bias)

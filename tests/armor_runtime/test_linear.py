@@ -105,7 +105,7 @@ def test_extra_repr_shows_shapes_blocks_dtype_backend(make_armor_weights):
     layer, _ = _layer(make_armor_weights)
     text = repr(layer)
     for part in ("in_features=64", "out_features=48", "block_out=16", "block_in=16", "dtype=float32",
-                 "backend(decode)=reference", "backend(prefill)=reference"):
+                 "backend(decode)=cpu_dense", "backend(prefill)=cpu_dense"):
         assert part in text
 
 

@@ -66,6 +66,7 @@ def gpu_like(monkeypatch):
     for var in ("ARMOR_CUSPARSELT_LAYOUT", "ARMOR_BACKEND"):
         monkeypatch.delenv(var, raising=False)
     dispatch.reset()
+    dispatch.release()  # layouts of layers other tests left alive would count in the totals below
     return table
 
 

@@ -43,7 +43,7 @@ def test_columns_and_one_row_per_provider_and_point(smoke_rows):
 def test_cpu_timed_providers_and_labels(smoke_rows):
     _, rows = smoke_rows
     for r in rows:
-        if r["provider"] in ("dense", "armor_reference"):
+        if r["provider"] in ("dense", "armor_reference", "armor_cpu_dense"):
             assert r["status"] == "ok", r
             assert _f(r["median_ms"]) > 0
             assert r["device"] == "cpu" and r["dtype"] == "bf16"
@@ -176,13 +176,13 @@ def test_roofline_time_is_the_larger_bound():
     assert roof.ideal_ms("bf16", 0, 2e14, 1) == pytest.approx(1000.0)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on CPU automatic selection picks the reference")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CPU automatic selection picks cpu_dense")
 def test_auto_provider_times_dispatch_choice(tmp_path):
     out = tmp_path / "k.csv"
     argv = ["--smoke", "--shapes", "tiny:up", "--tokens", "2", "--providers", "dense,armor_auto", "--out", str(out)]
     assert bench_kernels.main(argv) == 0
     auto = {r["provider"]: r for r in common.read_csv(out)}["armor_auto"]
-    assert auto["status"] == "ok" and auto["note"] == "cpu reference"
+    assert auto["status"] == "ok" and auto["note"] == "runs cpu_dense"
     assert _f(auto["max_rel_err"]) <= bench_kernels.REL_ERR_LIMIT
 
 
