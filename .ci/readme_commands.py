@@ -11,7 +11,7 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 
 
 def readme_commands(text: str) -> list[str]:
-    block = re.search(r"^```[a-z]*\n(.*?)^```", text, re.S | re.M)
+    block = re.search(r"^```[a-z]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE)
     if block is None:
         raise ValueError("README.md has no code block")
     lines = (line.split("#", 1)[0].strip() for line in block.group(1).splitlines())

@@ -9,7 +9,9 @@ A checkpoint written by ``armor prune`` loads unchanged: ``vllm serve <checkpoin
 
 from __future__ import annotations
 
-QUANT_METHOD = "armor"
+from ..checkpoint import QUANT_METHOD  # the one definition; re-exported for the plugin
+
+__all__ = ["QUANT_METHOD", "register"]
 
 
 def register() -> None:
