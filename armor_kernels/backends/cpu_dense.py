@@ -9,8 +9,8 @@ call is ``F.linear(x, W_hat, bias)``: the speed of a dense layer.
 Memory: the layout is one dense ``[d_out, d_in]`` matrix in the layer's dtype, i.e. exactly the
 bytes of the dense layer (``2·d_out·d_in`` in bf16/fp16, ``4·d_out·d_in`` in fp32), held next to
 the packed tensors the layer keeps (values + metadata 9/16 of dense, plus the wrappers). For
-SmolLM2-135M's 210 projections in bf16: 212,336,640 bytes of layouts on top of the checkpoint's
-186,900,480. ``ARMOR_DISABLED_BACKENDS=cpu_dense`` falls back to the reference (no layout, slow).
+SmolLM2-135M's 210 projections in bf16: 212,336,640 bytes of layouts on top of their packed
+131,650,560 (default blocks). ``ARMOR_DISABLED_BACKENDS=cpu_dense`` falls back to the reference (no layout, slow).
 
 Numerics: ``W_hat`` is computed in fp32 and rounded once to the layer's dtype, so for fp32
 layers it matches the reference up to summation order; for 16-bit layers the weight is rounded
